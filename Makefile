@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`  (each sets everything up first).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+
+.PHONY: setup demo test test-slow clean
+
+setup: $(VENV)/.installed
+
+# torch and torchvision are installed first, pinned, by pip (which finds this machine's local wheels);
+# then vlmfit and its pinned Hugging Face stack.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/vlmfit demo
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

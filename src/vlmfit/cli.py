@@ -1,0 +1,111 @@
+"""The `vlmfit` command: a thin typer shell over the Python API (parse, call, print)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vlmfit.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune vision-language models on your own data, on the hardware you have.")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")]
+
+
+def _recipe_path(name: str) -> Path:
+    """A recipe given by path, or by the name of one shipped with vlmfit (e.g. `demo`)."""
+    p = Path(name)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    return Path(__file__).parent / "recipes" / f"{name}.yaml"
+
+
+@app.command()
+def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None):
+    """Fine-tune a model as the recipe says; writes a run directory."""
+    from vlmfit.config import load_config
+    from vlmfit.train.sft import train_sft
+
+    cfg = load_config(_recipe_path(recipe), set)
+    run = train_sft(cfg, console)
+    console.print(f"[green]done[/]: {run}")
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="where run directories go")] = Path("runs"), set: SetOpt = None):
+    """Train the tiny Qwen2-VL on real handwritten digits from scratch (offline, CPU) and report accuracy."""
+    from vlmfit.config import load_config
+    from vlmfit.train.sft import train_sft
+
+    cfg = load_config(_recipe_path("demo"), [f"output.dir={out}", *(set or [])])
+    run = train_sft(cfg, console)
+    before = json.loads((run / "eval_before.json").read_text())
+    after = json.loads((run / "eval_after.json").read_text())
+    table = Table(title="builtin:mnist test accuracy (tiny:qwen2_vl)")
+    table.add_column("mode")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for mode in cfg.eval.modes:
+        table.add_row(mode, f"{100 * before[mode]['accuracy']:.1f}%", f"{100 * after[mode]['accuracy']:.1f}%")
+    console.print(table)
+    console.print(f"run directory: {run} (report.md, loss.png, eval_*.json)")
+
+
+@app.command("eval")
+def eval_(target: Annotated[str, typer.Argument(help="a run directory (evaluates its trained weights) or a recipe (evaluates the base model)")],
+          set: SetOpt = None):
+    """Evaluate classification accuracy (constrained and generated) on the test split."""
+    from vlmfit.evaluate.run import evaluate_target
+
+    res, written = evaluate_target(target, set, console)
+    if written:
+        console.print(f"written: {written}")
+
+
+@app.command()
+def models():
+    """List the tiny offline models (use them as model.name: tiny:<family>)."""
+    from vlmfit.models.tiny import TINY_FAMILIES, describe_tiny
+
+    table = Table(title="tiny offline models (random init, real transformers classes and processors)")
+    for col in ("model.name", "class", "processor", "params", "note"):
+        table.add_column(col)
+    for fam in TINY_FAMILIES:
+        d = describe_tiny(fam)
+        table.add_row(f"tiny:{fam}", d.get("model_class", ""), d.get("processor_class", ""), f"{d.get('params', 0):,}", d.get("note", ""))
+    console.print(table)
+
+
+def main():
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        err_console.print(f"[bold red]error[/]: {e.render()}", highlight=False)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # typer/click usage errors carry their own exit codes
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, (click.exceptions.Exit,)):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

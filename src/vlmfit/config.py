@@ -1,0 +1,167 @@
+"""The run config: one typed schema for a whole run (model, data, method, lora, train, eval, output), read from YAML.
+
+Defaults live here and nowhere else; unknown keys are rejected with the nearest valid name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlmfit.errors import UserError, nearest
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(description="hub id (Qwen/Qwen2-VL-2B-Instruct), local HF-format directory, or tiny:<family>")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DataConfig(_Section):
+    source: str = Field("builtin:mnist", description="builtin:<name> (more source kinds come with `vlmfit prepare`)")
+    train_limit: int | None = Field(None, ge=1, description="use at most this many training examples")
+    eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many test examples")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: Literal["all-linear"] | list[str] = "all-linear"
+    scope: list[Literal["language", "vision", "projector"]] = ["language"]
+
+    @field_validator("scope")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("scope needs at least one of language, vision, projector")
+        return v
+
+
+class TrainConfig(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int | None = Field(None, ge=8, description="None: never truncate (recommended for VLMs)")
+    loss_on: Literal["assistant", "all"] = "assistant"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+
+
+class EvalConfig(_Section):
+    before: bool = True
+    after: bool = True
+    modes: list[Literal["constrained", "generate"]] = ["constrained", "generate"]
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("runs")
+    name: str | None = Field(None, description="run directory name; default <model>-<method>-<timestamp>")
+    save_model: bool = True
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    method: Literal["full", "lora"] = "lora"
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid key names of the section that `loc` (a pydantic error location) points into."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _explain(err: ValidationError, source: str) -> UserError:
+    lines, hint = [], None
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            near = nearest(str(e["loc"][-1]), _fields_at(e["loc"]))
+            lines.append(f"unknown key '{key}'" + (f" (did you mean '{near}'?)" if near else ""))
+            valid = _fields_at(e["loc"])
+            hint = hint or f"valid keys here: {', '.join(valid)}"
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+            hint = hint or "see recipes/demo.yaml for a complete recipe"
+        else:
+            got = e.get("input")
+            lines.append(f"'{key}': {e['msg']} (got {got!r})")
+    return UserError("; ".join(lines), where=source, hint=hint)
+
+
+def _set_dotted(doc: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    node = doc
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise UserError(f"cannot set '{dotted}': '{p}' is not a section", where=where)
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value", where="--set", hint="e.g. --set train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Read a YAML recipe (or a dict), apply `key.sub=value` overrides, validate. Raises UserError on any problem."""
+    source = str(path) if path is not None else "config"
+    doc: dict = dict(base or {})
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("recipe file not found", where=str(p), hint="pass the path of a YAML recipe, e.g. recipes/demo.yaml")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise UserError(f"not valid YAML ({getattr(e, 'problem', e)})", where=where) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError("a recipe must be a YAML mapping of sections (model, data, method, ...)", where=str(p))
+        doc.update(loaded)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(doc, key, value, where=f"--set {key}")
+    try:
+        return RunConfig.model_validate(doc)
+    except ValidationError as e:
+        raise _explain(e, source) from None

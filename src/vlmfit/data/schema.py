@@ -1,0 +1,77 @@
+"""Canonical examples: a chat example is {"messages": [...typed content...], "images": [PIL images]}.
+
+Content is always a list of {"type": "image"} / {"type": "text", "text": ...} parts, so a dataset column has one
+schema; each {"type": "image"} part consumes the next image of "images", in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlmfit.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def image_part() -> dict:
+    return {"type": "image", "text": None}
+
+
+def chat_example(question: str, answer: str, images: list, system: str | None = None, **extra: Any) -> dict:
+    """A one-turn example: [system], user (images first, then the question), assistant answer."""
+    messages = []
+    if system:
+        messages.append({"role": "system", "content": [text_part(system)]})
+    messages.append({"role": "user", "content": [image_part() for _ in images] + [text_part(question)]})
+    messages.append({"role": "assistant", "content": [text_part(answer)]})
+    return {"messages": messages, "images": list(images), **extra}
+
+
+def count_image_parts(messages: list[dict]) -> int:
+    return sum(1 for m in messages for part in _parts(m) if part.get("type") == "image")
+
+
+def _parts(message: dict) -> list[dict]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [text_part(content)]
+    return list(content or [])
+
+
+def message_text(message: dict) -> str:
+    return "".join(p.get("text") or "" for p in _parts(message) if p.get("type") == "text")
+
+
+def prompt_of(messages: list[dict]) -> list[dict]:
+    """The conversation up to (not including) the last assistant turn: what the model is asked to complete."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise UserError("conversation has no assistant turn to learn from or evaluate against")
+    return list(messages[:last])
+
+
+def final_answer(messages: list[dict]) -> str:
+    return message_text([m for m in messages if m["role"] == "assistant"][-1])
+
+
+def check_chat_example(example: dict, where: str = "example") -> None:
+    """Raise a UserError when an example cannot be trained on as given (never fix it silently)."""
+    messages = example.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise UserError("'messages' must be a non-empty list of {role, content}", where=where)
+    for i, m in enumerate(messages):
+        if m.get("role") not in ROLES:
+            raise UserError(f"message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}", where=where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise UserError("no assistant turn: nothing to train on", where=where)
+    n_parts, n_images = count_image_parts(messages), len(example.get("images") or [])
+    if n_parts != n_images:
+        raise UserError(
+            f"{n_parts} image placeholders in the messages but {n_images} images given",
+            where=where,
+            hint="each {'type': 'image'} content part takes the next image of 'images', in order",
+        )

@@ -1,0 +1,111 @@
+"""Classification accuracy two ways: constrained (the label with the highest log-likelihood wins) and free
+generation (normalized exact match of the generated answer)."""
+
+from __future__ import annotations
+
+import re
+import string
+import time
+
+import torch
+
+from vlmfit.data.schema import final_answer, prompt_of, text_part
+from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize(text: str) -> str:
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Sum of log-probabilities of the labelled tokens of each sequence (labels != -100)."""
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+@torch.no_grad()
+def constrained_predictions(model, collator: VisionChatCollator, examples: list[dict], labels: list[str], batch_size: int) -> list[int]:
+    """For each example, the index of the label whose reply the model finds most likely."""
+    device = _device(model)
+    flat = [
+        {"messages": prompt_of(ex["messages"]) + [{"role": "assistant", "content": [text_part(lab)]}], "images": ex["images"]}
+        for ex in examples
+        for lab in labels
+    ]
+    scores = []
+    for i in range(0, len(flat), batch_size):
+        scores.append(sequence_logprobs(model, _to(collator(flat[i : i + batch_size]), device)).cpu())
+    return torch.cat(scores).view(len(examples), len(labels)).argmax(-1).tolist()
+
+
+@torch.no_grad()
+def generate_answers(model, collator: VisionChatCollator, examples: list[dict], batch_size: int, max_new_tokens: int) -> list[str]:
+    device = _device(model)
+    tok = collator.processor.tokenizer
+    out = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        texts = [collator.render(prompt_of(ex["messages"]), add_generation_prompt=True) for ex in chunk]
+        batch = _to(collator.encode(texts, [list(ex["images"]) for ex in chunk], padding_side="left"), device)
+        gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        out += tok.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return out
+
+
+def evaluate_classification(model, collator: VisionChatCollator, dataset, labels: list[str], modes: list[str],
+                            batch_size: int = 32, max_new_tokens: int = 8) -> dict:
+    """Accuracy of `model` on `dataset` (canonical chat examples whose final answer is one of `labels`)."""
+    was_training = model.training
+    model.eval()
+    examples = [dataset[i] for i in range(len(dataset))]
+    gold = [final_answer(ex["messages"]) for ex in examples]
+    gold_norm = [normalize(g) for g in gold]
+    result: dict = {"n": len(examples), "labels": labels}
+    try:
+        if "constrained" in modes:
+            t0 = time.perf_counter()
+            pred = constrained_predictions(model, collator, examples, labels, max(1, batch_size))
+            correct = [normalize(labels[p]) == g for p, g in zip(pred, gold_norm)]
+            result["constrained"] = {
+                "accuracy": sum(correct) / len(correct),
+                "per_class": _per_class(gold, correct),
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        if "generate" in modes:
+            t0 = time.perf_counter()
+            answers = generate_answers(model, collator, examples, batch_size, max_new_tokens)
+            correct = [normalize(a) == g for a, g in zip(answers, gold_norm)]
+            result["generate"] = {
+                "accuracy": sum(correct) / len(correct),
+                "per_class": _per_class(gold, correct),
+                "samples": [{"gold": g, "generated": a} for g, a in list(zip(gold, answers))[:10]],
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _per_class(gold: list[str], correct: list[bool]) -> dict[str, float]:
+    tally: dict[str, list[int]] = {}
+    for g, c in zip(gold, correct):
+        t = tally.setdefault(g, [0, 0])
+        t[0] += int(c)
+        t[1] += 1
+    return {k: round(v[0] / v[1], 4) for k, v in sorted(tally.items())}

@@ -1,0 +1,132 @@
+"""Per-family facts about VLMs, as data: chat turn markers, image/video tokens, module prefixes of the towers,
+wrapper classes around nn.Linear, and known hyperparameter advice. Adding a family = adding one entry here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmfit.errors import UserError
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]  # config.model_type values that belong to this family
+    processor_classes: tuple[str, ...]  # transformers processor class names of this family
+    assistant_start: str  # text that opens an assistant turn in the chat template (not trained on)
+    turn_end: str  # token that closes an assistant turn (trained on: the model must learn to stop)
+    image_token: str  # placeholder the processor expands into one token per image feature
+    video_token: str | None = None
+    # Module-name prefixes (of the *ForConditionalGeneration model) per part. The projector is matched first,
+    # because in Qwen it sits inside the vision module (model.visual.merger).
+    vision_prefixes: tuple[str, ...] = ()
+    projector_prefixes: tuple[str, ...] = ()
+    language_prefixes: tuple[str, ...] = ()
+    # Modules that wrap an nn.Linear (PEFT cannot adapt the wrapper itself, so LoRA goes on the inner linear).
+    wrapper_classes: tuple[str, ...] = ()
+    # Extra model inputs the processor must hand to the model (dropping them silently changes attention).
+    required_inputs: tuple[str, ...] = ()
+    advice: tuple[str, ...] = field(default_factory=tuple)
+
+
+_QWEN = dict(
+    assistant_start="<|im_start|>assistant\n",
+    turn_end="<|im_end|>",
+    image_token="<|image_pad|>",
+    video_token="<|video_pad|>",
+    vision_prefixes=("model.visual.",),
+    projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
+    language_prefixes=("model.language_model.",),
+    required_inputs=("pixel_values", "image_grid_thw"),
+    advice=("Qwen's Conv3d patch embedding cannot carry LoRA: it is skipped (or trained fully with the projector).",),
+)
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family("qwen2_vl", ("qwen2_vl",), ("Qwen2VLProcessor",), **_QWEN),
+        Family("qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLProcessor",), **_QWEN),
+        Family("qwen3_vl", ("qwen3_vl",), ("Qwen3VLProcessor",), **_QWEN),
+        Family(
+            "smolvlm",
+            ("idefics3", "smolvlm"),
+            ("Idefics3Processor", "SmolVLMProcessor"),
+            assistant_start="Assistant:",
+            turn_end="<end_of_utterance>",
+            image_token="<image>",
+            vision_prefixes=("model.vision_model.",),
+            projector_prefixes=("model.connector.",),
+            language_prefixes=("model.text_model.",),
+            required_inputs=("pixel_values",),
+        ),
+        Family(
+            "gemma3",
+            ("gemma3",),
+            ("Gemma3Processor",),
+            assistant_start="<start_of_turn>model\n",
+            turn_end="<end_of_turn>",
+            image_token="<image_soft_token>",
+            vision_prefixes=("model.vision_tower.",),
+            projector_prefixes=("model.multi_modal_projector.",),
+            language_prefixes=("model.language_model.",),
+            required_inputs=("pixel_values", "token_type_ids"),
+        ),
+        Family(
+            "gemma4",
+            ("gemma4",),
+            ("Gemma4Processor",),
+            assistant_start="<|turn>model\n",
+            turn_end="<turn|>",
+            image_token="<|image|>",
+            video_token="<|video|>",
+            vision_prefixes=("model.vision_tower.", "model.audio_tower."),
+            projector_prefixes=("model.embed_vision.", "model.embed_audio."),
+            language_prefixes=("model.language_model.",),
+            wrapper_classes=("Gemma4ClippableLinear",),
+            required_inputs=("pixel_values", "mm_token_type_ids"),
+            advice=(
+                "Gemma 4 LoRA has shown exploding gradient norms (transformers#45676): clip at max_grad_norm 0.1 "
+                "with lr ~5e-5.",
+            ),
+        ),
+        Family(
+            "llava",
+            ("llava",),
+            ("LlavaProcessor",),
+            assistant_start="ASSISTANT:",
+            turn_end="</s>",
+            image_token="<image>",
+            vision_prefixes=("model.vision_tower.",),
+            projector_prefixes=("model.multi_modal_projector.",),
+            language_prefixes=("model.language_model.",),
+            required_inputs=("pixel_values",),
+        ),
+    ]
+}
+
+
+def family_of_model_type(model_type: str) -> Family | None:
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    return None
+
+
+def family_of_processor(processor) -> Family | None:
+    name = type(processor).__name__
+    for fam in FAMILIES.values():
+        if name in fam.processor_classes:
+            return fam
+    return None
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        from vlmfit.errors import nearest
+
+        near = nearest(name, FAMILIES)
+        raise UserError(
+            f"unknown model family '{name}'",
+            hint=(f"did you mean '{near}'? " if near else "") + f"known families: {', '.join(FAMILIES)}",
+        )
+    return FAMILIES[name]

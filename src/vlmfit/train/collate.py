@@ -1,0 +1,130 @@
+"""VisionChatCollator: canonical chat examples -> model batch with assistant-only labels.
+
+Labels are computed on the processor's output, i.e. after each image placeholder has been expanded into as many
+tokens as the image has features (a count that varies per image), so the mask lines up with what the model sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vlmfit.data.schema import check_chat_example
+from vlmfit.errors import UserError
+from vlmfit.models.families import Family, family_of_processor, get_family
+
+IGNORE_INDEX = -100
+
+
+def _find_all(ids: np.ndarray, pattern: Sequence[int]) -> list[int]:
+    """Start positions of `pattern` in `ids` (vectorised over the first token, verified on the rest)."""
+    if not pattern:
+        return []
+    cand = np.flatnonzero(ids == pattern[0])
+    n = len(pattern)
+    return [int(i) for i in cand if i + n <= len(ids) and all(ids[i + k] == pattern[k] for k in range(1, n))]
+
+
+class VisionChatCollator:
+    """Collate canonical examples ({"messages", "images"}) into a batch the family's model accepts.
+
+    - `loss_on="assistant"` (default): loss only on assistant replies and their end-of-turn token; system, user,
+      image placeholder and padding tokens are -100. `loss_on="all"`: every text token except image and padding.
+    - `max_length=None` (default) never truncates. With a limit, a sequence is cut only inside text; one that would
+      lose an image token raises a UserError naming the example.
+    """
+
+    def __init__(self, processor, family: Family | str | None = None, *, loss_on: str = "assistant", max_length: int | None = None):
+        if isinstance(family, str):
+            family = get_family(family)
+        family = family or family_of_processor(processor)
+        if family is None:
+            raise UserError(
+                f"no family is known for processor {type(processor).__name__}",
+                hint="pass family=<name>; known processors are listed in vlmfit.models.families",
+            )
+        if loss_on not in ("assistant", "all"):
+            raise UserError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}", where="train.loss_on")
+        self.processor, self.family, self.loss_on, self.max_length = processor, family, loss_on, max_length
+        tok = processor.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.pad_id = tok.pad_token_id
+        self.turn_end_id = tok.convert_tokens_to_ids(family.turn_end)
+        # The assistant marker can tokenize differently after a space; accept each distinct encoding.
+        variants = {tuple(tok.encode(v, add_special_tokens=False)) for v in (family.assistant_start, " " + family.assistant_start)}
+        self.start_patterns = sorted(variants, key=len, reverse=True)
+        media = [family.image_token] + ([family.video_token] if family.video_token else [])
+        self.media_ids = {tok.convert_tokens_to_ids(t) for t in media} - {tok.unk_token_id, None}
+
+    # -- rendering --------------------------------------------------------------------------------------------
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, texts: list[str], images: list[list], padding_side: str = "right") -> dict:
+        """Run the processor (image token expansion happens here) on rendered texts and per-example image lists."""
+        tok = self.processor.tokenizer
+        old_side, tok.padding_side = tok.padding_side, padding_side
+        try:
+            kwargs = {"images": images} if any(images) else {}
+            if kwargs and any(len(im) == 0 for im in images):
+                # Processors cannot take a batch in which some rows have images and others none.
+                raise UserError("a batch mixes examples with and without images", hint="use batch_size 1 or give every example an image")
+            return dict(self.processor(text=texts, padding=True, return_tensors="pt", **kwargs))
+        finally:
+            tok.padding_side = old_side
+
+    # -- labels -----------------------------------------------------------------------------------------------
+    def assistant_mask(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """True on the tokens of every assistant reply, from after its start marker through its end-of-turn token."""
+        mask = np.zeros(len(ids), dtype=bool)
+        starts = sorted({s + len(p) for p in self.start_patterns for s in _find_all(ids, p)})
+        ends = np.flatnonzero(ids == self.turn_end_id)
+        for s in starts:
+            after = ends[ends >= s]
+            stop = int(after[0]) + 1 if len(after) else int(valid.sum())  # an unterminated reply runs to the end
+            mask[s:stop] = True
+        return mask & valid
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        for i, ex in enumerate(examples):
+            check_chat_example(ex, where=f"example {ex.get('_row', i)}")
+        texts = [self.render(ex["messages"]) for ex in examples]
+        batch = self.encode(texts, [list(ex.get("images") or []) for ex in examples])
+        input_ids = batch["input_ids"]
+        valid = batch["attention_mask"].bool().numpy()
+        ids_np = input_ids.numpy()
+        media = np.isin(ids_np, list(self.media_ids))
+        if self.loss_on == "assistant":
+            keep = np.stack([self.assistant_mask(ids_np[r], valid[r]) for r in range(len(examples))])
+            for r in range(len(examples)):
+                if not keep[r].any():
+                    raise UserError(
+                        f"example {examples[r].get('_row', r)}: no assistant tokens found after rendering with the chat template",
+                        hint=f"the template must open replies with {self.family.assistant_start!r}; check the processor's chat template",
+                    )
+        else:
+            keep = valid.copy()
+        keep &= ~media
+        labels = input_ids.clone()
+        labels[~torch.from_numpy(keep)] = IGNORE_INDEX
+        batch["labels"] = labels
+        if self.max_length is not None and input_ids.shape[1] > self.max_length:
+            batch = self._truncate(batch, media, examples)
+        return batch
+
+    def _truncate(self, batch: dict, media: np.ndarray, examples: list[dict]) -> dict:
+        """Cut every sequence-shaped tensor at max_length, but never through an image."""
+        cut = self.max_length
+        for r in range(media.shape[0]):
+            if media[r, cut:].any():
+                raise UserError(
+                    f"example {examples[r].get('_row', r)} is {int(batch['attention_mask'][r].sum())} tokens; truncating "
+                    f"it to max_length={cut} would cut through an image",
+                    where="train.max_length",
+                    hint="raise train.max_length (or set it to null), lower the image resolution, or drop this example",
+                )
+        seq_shape = tuple(batch["input_ids"].shape)
+        return {k: (v[:, :cut] if torch.is_tensor(v) and tuple(v.shape[:2]) == seq_shape else v) for k, v in batch.items()}

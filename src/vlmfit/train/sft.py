@@ -1,0 +1,191 @@
+"""Supervised fine-tuning recipe: config -> model + processor -> examples -> collator -> TRL SFTTrainer -> run dir.
+
+Read top to bottom: `train_sft` is the whole recipe; the helpers below it are leaves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import TrainerCallback, set_seed
+
+from vlmfit.config import RunConfig
+from vlmfit.data.builtin import load_dataset_source
+from vlmfit.errors import UserError
+from vlmfit.evaluate.classification import evaluate_classification
+from vlmfit.models.load import Loaded, load
+from vlmfit.report import RunDir, plot_loss, write_report
+from vlmfit.train.collate import VisionChatCollator
+
+
+def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
+    """Run the recipe end to end and return the run directory."""
+    console = console or Console()
+    set_seed(cfg.train.seed)
+    train_ds, test_ds, labels = load_splits(cfg)
+    run = RunDir.create(cfg)
+    console.print(f"[bold]run directory[/] {run.path}")
+    loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision)
+    collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
+
+    eval_before = None
+    if cfg.eval.before:
+        eval_before = run_eval(loaded.model, collator, test_ds, labels, cfg, console, "before training")
+        run.write_json("eval_before.json", eval_before)
+
+    model = apply_method(loaded, cfg, console)
+    trainer = make_trainer(model, loaded, collator, train_ds, cfg, run)
+    t0 = time.perf_counter()
+    result = trainer.train()
+    train_seconds = time.perf_counter() - t0
+
+    weights = save_weights(model, loaded, cfg, run)
+    eval_after = None
+    if cfg.eval.after:
+        eval_after = run_eval(model, collator, test_ds, labels, cfg, console, "after training")
+        run.write_json("eval_after.json", eval_after)
+
+    losses = [r["loss"] for r in run.metrics() if "loss" in r]
+    summary = {
+        "steps": result.global_step,
+        "train_seconds": train_seconds,
+        "final_loss": losses[-1] if losses else float("nan"),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "train_examples": len(train_ds),
+        "test_examples": len(test_ds),
+        "weights": weights,
+    }
+    run.write_json("summary.json", summary)
+    plot_loss(run)
+    write_report(run, cfg, summary, eval_before, eval_after)
+    return run.path
+
+
+def load_splits(cfg: RunConfig):
+    """Train and test splits (limited as configured) and the class labels of the task."""
+    data = load_dataset_source(cfg.data.source)
+    for split in ("train", "test"):
+        if split not in data:
+            raise UserError(f"dataset has no '{split}' split (has: {', '.join(data)})", where="data.source")
+    train_ds, test_ds = data["train"], data["test"]
+    if cfg.data.train_limit:
+        train_ds = train_ds.select(range(min(cfg.data.train_limit, len(train_ds))))
+    if cfg.data.eval_limit:
+        test_ds = test_ds.select(range(min(cfg.data.eval_limit, len(test_ds))))
+    label_feature = train_ds.features.get("label")
+    labels = list(label_feature.names) if hasattr(label_feature, "names") else None
+    return train_ds, test_ds, labels
+
+
+def run_eval(model, collator, test_ds, labels, cfg: RunConfig, console: Console, when: str) -> dict:
+    if labels is None:
+        raise UserError("evaluation needs a classification dataset with a 'label' column", where="data.source",
+                        hint="set eval.before and eval.after to false for other tasks")
+    with console.status(f"evaluating {len(test_ds)} test examples {when} ({', '.join(cfg.eval.modes)})"):
+        res = evaluate_classification(model, collator, test_ds, labels, cfg.eval.modes, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    accs = "  ".join(f"{m}: {100 * res[m]['accuracy']:.1f}%" for m in cfg.eval.modes if m in res)
+    console.print(f"accuracy {when}: {accs}")
+    return res
+
+
+def apply_method(loaded: Loaded, cfg: RunConfig, console: Console) -> torch.nn.Module:
+    """full: every parameter trains. lora: PEFT adapters on the resolved targets, base frozen."""
+    model = loaded.model
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    from vlmfit.models.targets import resolve_lora_targets
+
+    resolved = resolve_lora_targets(model, loaded.family, list(cfg.lora.scope), cfg.lora.targets)
+    for note in resolved.skipped:
+        console.print(f"[yellow]skipped[/] {note}")
+    console.print("LoRA targets: " + ", ".join(f"{k} {v}" for k, v in resolved.per_part.items()))
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=resolved.modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir):
+    from trl import SFTConfig, SFTTrainer
+
+    t = cfg.train
+    use_cuda = torch.cuda.is_available()
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
+    args = SFTConfig(
+        output_dir=str(run.path / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        max_length=None,  # vlmfit's collator owns truncation: it never cuts through an image
+        gradient_checkpointing=t.gradient_checkpointing,
+        bf16=bf16,
+        fp16=t.precision == "fp16",
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=t.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=loaded.processor,
+        data_collator=collator,
+        callbacks=[RichProgress(run)],
+    )
+
+
+class RichProgress(TrainerCallback):
+    """Progress bar (step, loss, ETA) and metrics.jsonl, one record per logging step."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.progress, self.task, self.loss = run, None, None, math.nan
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, loss=math.nan)
+
+    def on_step_end(self, args, state, control, **kw):
+        self.progress.update(self.task, completed=state.global_step, loss=self.loss)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        if "loss" in logs:
+            self.loss = logs["loss"]
+        self.run.log_metrics({"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs})
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.progress:
+            self.progress.stop()
+
+
+def save_weights(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:
+    loaded.processor.save_pretrained(run.path / "processor")
+    if not cfg.output.save_model:
+        return "not saved (output.save_model: false)"
+    if cfg.method == "lora":
+        model.save_pretrained(run.path / "adapter")  # PEFT format, safetensors
+        return "adapter/"
+    model.save_pretrained(run.path / "model")
+    loaded.processor.save_pretrained(run.path / "model")  # a full model dir loads with from_pretrained as is
+    return "model/"
