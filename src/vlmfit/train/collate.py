@@ -69,6 +69,9 @@ class VisionChatCollator:
         old_side, tok.padding_side = tok.padding_side, padding_side
         try:
             kwargs = {"images": images} if any(images) else {}
+            # Templates that write BOS themselves (Gemma) would get a second one from the tokenizer.
+            if tok.bos_token and all(t.startswith(tok.bos_token) for t in texts):
+                kwargs["add_special_tokens"] = False
             if kwargs and any(len(im) == 0 for im in images):
                 # Processors cannot take a batch in which some rows have images and others none.
                 raise UserError("a batch mixes examples with and without images", hint="use batch_size 1 or give every example an image")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import TrainerCallback, set_seed
+from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from vlmfit.config import RunConfig
 from vlmfit.data.builtin import load_dataset_source
@@ -141,7 +141,7 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -149,6 +149,9 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
         data_collator=collator,
         callbacks=[RichProgress(run)],
     )
+    # With tqdm off, transformers prints every log dict; RichProgress shows them instead (and writes metrics.jsonl).
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 class RichProgress(TrainerCallback):
