@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-TINY_VERSION = 1
+TINY_VERSION = 2
 
 # The digit words are the answers the demo teaches; they must stay single tokens (see _check_answer_words).
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -446,6 +446,12 @@ def build_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0) -> pat
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = getattr(transformers, fam.model_class)(config).eval()
+        # Some inits zero a whole matrix (Gemma 3's mm_input_projection_weight). A trained checkpoint never has one,
+        # and a zero projector would block every gradient into the vision tower, so give it small random values.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2 and not p.any():
+                    p.normal_(0.0, 0.02)
     gen = model.generation_config
     gen.eos_token_id = [tid(tok.eos_token)] + [tid(t) for t in fam.generation_eos]
     gen.pad_token_id = tok.pad_token_id

@@ -45,6 +45,9 @@ def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
     train_seconds = time.perf_counter() - t0
 
     weights = save_weights(model, loaded, cfg, run)
+    ckpt = run.path / "checkpoints"
+    if ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()  # nothing was checkpointed (save_strategy "no"); don't leave an empty folder
     eval_after = None
     if cfg.eval.after:
         eval_after = run_eval(model, collator, test_ds, labels, cfg, console, "after training")
@@ -140,6 +143,7 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
         seed=t.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        dataloader_pin_memory=use_cuda,
     )
     trainer = SFTTrainer(
         model=model,
