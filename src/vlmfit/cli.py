@@ -85,7 +85,24 @@ def models():
     console.print(table)
 
 
+def _quiet_libraries() -> None:
+    # The run's own progress bar and messages are what users read; library shard/weight-loading bars and
+    # deprecation notices from inside transformers/PEFT only bury them.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main():
+    _quiet_libraries()
     try:
         app(standalone_mode=False)
     except UserError as e:

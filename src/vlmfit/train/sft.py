@@ -177,12 +177,13 @@ class RichProgress(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
-        if "loss" in logs:
-            self.loss = logs["loss"]
+        if "loss" in logs or "train_loss" in logs:
+            self.loss = logs.get("loss", logs.get("train_loss"))
         self.run.log_metrics({"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs})
 
     def on_train_end(self, args, state, control, **kw):
         if self.progress:
+            self.progress.update(self.task, completed=state.global_step, loss=self.loss)
             self.progress.stop()
 
 
