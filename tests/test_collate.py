@@ -11,9 +11,13 @@ from vlmfit.models.tiny import TINY_FAMILIES
 from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
 
 from helpers import digit_image, multi_turn_example
+from vlmfit.data.schema import image_part, text_part
 
 
-@pytest.fixture(scope="module", params=[f for f in TINY_FAMILIES if f in FAMILIES])
+CHAT_FAMILIES = [f for f in TINY_FAMILIES if f in FAMILIES and FAMILIES[f].prompt_style == "chat"]
+
+
+@pytest.fixture(scope="module", params=CHAT_FAMILIES)
 def loaded(request):
     return load(f"tiny:{request.param}")
 
@@ -30,12 +34,25 @@ def label_runs(labels: torch.Tensor) -> list[list[int]]:
     return runs + ([cur] if cur else [])
 
 
-def test_labels_are_exactly_the_assistant_replies(loaded):
-    coll = VisionChatCollator(loaded.processor, loaded.family)
+def three_images_example():
+    return {"messages": [{"role": "user", "content": [image_part(), image_part(), text_part("Which digits?"), image_part()]},
+                         {"role": "assistant", "content": [text_part("one two three")]}],
+            "images": [digit_image(1), digit_image(2, (56, 84)), digit_image(3, (112, 112))]}
+
+
+def text_only_example():
+    return {"messages": [{"role": "system", "content": [text_part("Be brief.")]},
+                         {"role": "user", "content": [text_part("Say a digit.")]},
+                         {"role": "assistant", "content": [text_part("four")]},
+                         {"role": "user", "content": [text_part("Another.")]},
+                         {"role": "assistant", "content": [text_part("five")]}],
+            "images": []}
+
+
+def check_labels(loaded, batch, replies_per_row):
     tok = loaded.processor.tokenizer
-    # Row 0: multi-turn, system prompt, two images of different sizes; row 1: one small image, one turn.
-    batch = coll([multi_turn_example(), chat_example("What digit is this?", "nine", [digit_image(7)])])
-    for row, replies in ((0, ["seven", "two"]), (1, ["nine"])):
+    image_id = tok.convert_tokens_to_ids(loaded.family.image_token)
+    for row, replies in enumerate(replies_per_row):
         runs = label_runs(batch["labels"][row])
         assert len(runs) == len(replies)
         for run, reply in zip(runs, replies):
@@ -43,15 +60,51 @@ def test_labels_are_exactly_the_assistant_replies(loaded):
             assert (batch["labels"][row, run] == ids).all()
             text = tok.decode(ids, skip_special_tokens=False).strip()
             assert text == reply + loaded.family.turn_end, text
-        image_id = tok.convert_tokens_to_ids(loaded.family.image_token)
         assert not (batch["labels"][row][batch["input_ids"][row] == image_id] != IGNORE_INDEX).any()
         pad = batch["attention_mask"][row] == 0
         assert (batch["labels"][row][pad] == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("method", ["markers", "prefix"])
+def test_labels_are_exactly_the_assistant_replies(loaded, method):
+    coll = VisionChatCollator(loaded.processor, loaded.family, label_method=method)
+    # Multi-turn with a system prompt and two images of different sizes; one image; three images in one turn.
+    batch = coll([multi_turn_example(), chat_example("What digit is this?", "nine", [digit_image(7)]), three_images_example()])
+    check_labels(loaded, batch, [["seven", "two"], ["nine"], ["one two three"]])
     for name in loaded.family.required_inputs:
         assert name in batch, f"{loaded.family.name} needs {name}"
     # The expanded image tokens match the features the model produces: the forward pass checks this itself.
-    out = loaded.model(**batch)
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(loaded.model(**batch).loss)
+    # No images at all: a plain multi-turn chat.
+    batch = coll([text_only_example()])
+    check_labels(loaded, batch, [["four", "five"]])
+    assert torch.isfinite(loaded.model(**batch).loss)
+
+
+def test_image_tokens_equal_vision_features(loaded):
+    """Per image, the processor's expanded token count equals the number of features the vision tower returns."""
+    coll = VisionChatCollator(loaded.processor, loaded.family)
+    batch = coll([multi_turn_example()])
+    image_id = loaded.processor.tokenizer.convert_tokens_to_ids(loaded.family.image_token)
+    n_tokens = int((batch["input_ids"] == image_id).sum())
+    inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids")}
+    with torch.no_grad():
+        feats = loaded.model.model.get_image_features(**inputs)
+    feats = getattr(feats, "pooler_output", feats)
+    n_feats = sum(f.reshape(-1, f.shape[-1]).shape[0] for f in (feats if isinstance(feats, (list, tuple)) else [feats]))
+    assert n_tokens == n_feats
+
+
+def test_paligemma_prefix_suffix_labels():
+    loaded = load("tiny:paligemma")
+    coll = VisionChatCollator(loaded.processor, loaded.family)
+    one = chat_example("What digit is this?", "nine", [digit_image(7)], system="Read the digit.")
+    three = {"messages": three_images_example()["messages"], "images": [digit_image(1), digit_image(2), digit_image(3)]}
+    batch = coll([one, three])
+    check_labels(loaded, batch, [["nine"], ["one two three"]])
+    assert torch.isfinite(loaded.model(**batch).loss)
+    with pytest.raises(UserError, match="one question and one answer"):
+        coll([multi_turn_example()])
 
 
 def test_image_token_count_follows_image_size():

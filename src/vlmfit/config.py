@@ -36,6 +36,9 @@ class LoraConfig(_Section):
     dropout: float = Field(0.05, ge=0, lt=1)
     targets: Literal["all-linear"] | list[str] = "all-linear"
     scope: list[Literal["language", "vision", "projector"]] = ["language"]
+    train_fully: list[Literal["language", "vision", "projector"]] = Field(
+        [], description="parts trained in full (not LoRA), e.g. [projector] while the towers use LoRA"
+    )
 
     @field_validator("scope")
     @classmethod
@@ -56,6 +59,11 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int | None = Field(None, ge=8, description="None: never truncate (recommended for VLMs)")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="examples longer than max_length: truncate (inside text only; a cut through an image is an error "
+        "before training) or drop (counted, with reasons, in the run report)",
+    )
     loss_on: Literal["assistant", "all"] = "assistant"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False

@@ -26,6 +26,12 @@ class Family:
     wrapper_classes: tuple[str, ...] = ()
     # Extra model inputs the processor must hand to the model (dropping them silently changes attention).
     required_inputs: tuple[str, ...] = ()
+    # "chat": the processor's chat template renders the conversation. "prefix_suffix": no chat template; the
+    # processor takes a prompt and a `suffix` (the answer) and masks the prompt itself (PaliGemma).
+    prompt_style: str = "chat"
+    # How labels find the assistant replies: "markers" (assistant_start ... turn_end, fast) or "prefix"
+    # (render the conversation prefix by prefix; works for any chat template, used for unknown families).
+    label_method: str = "markers"
     advice: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -101,8 +107,46 @@ FAMILIES: dict[str, Family] = {
             language_prefixes=("model.language_model.",),
             required_inputs=("pixel_values",),
         ),
+        Family(
+            "paligemma",
+            ("paligemma",),
+            ("PaliGemmaProcessor",),
+            assistant_start="",
+            turn_end="<eos>",
+            image_token="<image>",
+            vision_prefixes=("model.vision_tower.",),
+            projector_prefixes=("model.multi_modal_projector.",),
+            language_prefixes=("model.language_model.",),
+            required_inputs=("pixel_values", "token_type_ids"),
+            prompt_style="prefix_suffix",
+            label_method="suffix",
+            advice=("PaliGemma is a single-turn prefix-LM: one question, one answer per example.",),
+        ),
     ]
 }
+
+# Module-name keywords that place a module of an unknown family (checked in this order).
+GENERIC_PARTS = (
+    ("projector", ("multi_modal_projector", "connector", "merger", "mm_projector", "embed_vision")),
+    ("vision", ("vision", "visual", "image_encoder")),
+    ("language", ("language_model", "text_model", "model.layers", "model.embed_tokens")),
+)
+
+
+def generic_family(processor, model_type: str) -> Family:
+    """A family for a model vlmfit has no table for: labels by prefix rendering, parts by module-name keywords."""
+    tok = processor.tokenizer
+    image_token = getattr(processor, "image_token", None) or "<image>"
+    return Family(
+        name=f"generic:{model_type}",
+        model_types=(model_type,),
+        processor_classes=(type(processor).__name__,),
+        assistant_start="",
+        turn_end=tok.eos_token or "",
+        image_token=image_token,
+        video_token=getattr(processor, "video_token", None),
+        label_method="prefix",
+    )
 
 
 def family_of_model_type(model_type: str) -> Family | None:

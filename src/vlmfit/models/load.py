@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vlmfit.errors import UserError
-from vlmfit.models.families import Family, family_of_model_type, family_of_processor
+from vlmfit.models.families import Family, family_of_model_type, family_of_processor, generic_family
 
 
 @dataclass
@@ -78,15 +78,24 @@ def load_model(ref: str, dtype: str = "auto", revision: str | None = None) -> to
                         hint="check the hub id and your network / HF cache (HF_HUB_OFFLINE=1 reads the cache only)") from None
 
 
+def family_for(model_type: str, processor, name: str) -> Family:
+    """The family table for this model; an unknown model with a chat template still trains (prefix labelling)."""
+    family = family_of_model_type(model_type) or family_of_processor(processor)
+    if family is not None:
+        return family
+    if getattr(processor, "chat_template", None) and getattr(processor, "tokenizer", None) is not None:
+        return generic_family(processor, model_type)
+    raise UserError(
+        f"model type '{model_type}' is not a known VLM family and its processor has no chat template",
+        where="model.name",
+        hint="known: qwen2_vl, qwen2_5_vl, qwen3_vl, smolvlm, gemma3, gemma4, llava, paligemma; "
+        "or give the processor a chat template",
+    )
+
+
 def load(name: str, dtype: str = "auto", revision: str | None = None) -> Loaded:
     ref = resolve_reference(name)
     processor = load_processor(ref, revision)
     model = load_model(ref, dtype, revision)
-    family = family_of_model_type(model.config.model_type) or family_of_processor(processor)
-    if family is None:
-        raise UserError(
-            f"model type '{model.config.model_type}' is not a supported VLM family yet",
-            where="model.name",
-            hint="supported: qwen2_vl, qwen2_5_vl, qwen3_vl, smolvlm (idefics3), gemma3, gemma4, llava",
-        )
+    family = family_for(model.config.model_type, processor, name)
     return Loaded(model, processor, family, ref)

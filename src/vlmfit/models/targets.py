@@ -8,12 +8,17 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from vlmfit.errors import UserError
-from vlmfit.models.families import Family
+from vlmfit.models.families import GENERIC_PARTS, Family
 
 
 def part_of(name: str, family: Family) -> str | None:
     """Which part of the model a module name belongs to: projector, vision, language, or None (e.g. lm_head)."""
     key = name + "."
+    if not (family.vision_prefixes or family.language_prefixes):  # unknown family: go by module-name keywords
+        for part, words in GENERIC_PARTS:
+            if any(w in name for w in words):
+                return part
+        return None
     if any(key.startswith(p) for p in family.projector_prefixes):
         return "projector"
     if any(key.startswith(p) for p in family.vision_prefixes):
@@ -25,34 +30,72 @@ def part_of(name: str, family: Family) -> str | None:
 
 @dataclass
 class Resolved:
-    modules: list[str]  # full module names handed to PEFT (all nn.Linear)
-    per_part: dict[str, int]  # how many modules per part
-    skipped: list[str]  # notes on what matched a name but cannot carry LoRA
+    modules: list[str]  # full module names that get LoRA (all nn.Linear, inner linears of wrappers included)
+    fully_trained: list[str]  # top-level modules of the parts trained in full (PEFT modules_to_save)
+    groups: dict[str, dict]  # per part: {"lora_modules": n, "full_modules": n, "params": trainable params}
+    skipped: list[str]  # what matched the request but cannot carry LoRA, with the reason
+
+    def as_dict(self) -> dict:
+        return {"lora_modules": self.modules, "fully_trained": self.fully_trained, "groups": self.groups, "skipped": self.skipped}
 
 
-def resolve_lora_targets(model: nn.Module, family: Family, scope: list[str], targets: str | list[str]) -> Resolved:
+def _part_roots(model: nn.Module, family: Family, part: str) -> list[str]:
+    """The outermost modules that make up `part` (e.g. model.visual.merger for Qwen's projector)."""
+    roots = []
+    for name, _ in model.named_modules():
+        if name and part_of(name, family) == part and not any(name.startswith(r + ".") for r in roots):
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            if part_of(parent, family) != part:
+                roots.append(name)
+    return roots
+
+
+def resolve_lora_targets(model: nn.Module, family: Family, scope: list[str], targets: str | list[str],
+                         train_fully: list[str] = ()) -> Resolved:
+    """Scopes x layer names -> exact module names. Parts in `train_fully` are trained in full instead of LoRA."""
     wrappers = set(family.wrapper_classes)
-    modules, skipped, per_part = [], [], {}
     wanted = None if targets == "all-linear" else set(targets)
+    modules, skipped = [], []
+    groups = {p: {"lora_modules": 0, "full_modules": 0, "params": 0} for p in dict.fromkeys([*scope, *train_fully])}
     for name, mod in model.named_modules():
         part = part_of(name, family)
-        if part not in scope:
+        if part not in scope or part in train_fully:
             continue
         leaf = name.rsplit(".", 1)[-1]
-        parent_leaf = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
         if isinstance(mod, nn.Linear):
-            # A linear inside a wrapper (Gemma4ClippableLinear.linear) is named after its wrapper by the user.
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None
-            label = parent_leaf if parent is not None and type(parent).__name__ in wrappers else leaf
+            # The linear inside a wrapper (Gemma4ClippableLinear.linear) goes by its wrapper's name: LoRA sits on
+            # the inner linear, so the wrapper's input/output clamps keep applying around the adapted layer.
+            in_wrapper = parent is not None and type(parent).__name__ in wrappers
+            label = name.rsplit(".", 2)[-2] if in_wrapper else leaf
             if wanted is None or label in wanted:
                 modules.append(name)
-                per_part[part] = per_part.get(part, 0) + 1
-        elif wanted is not None and leaf in wanted and type(mod).__name__ not in wrappers:
-            skipped.append(f"{name} ({type(mod).__name__}: LoRA needs a linear layer)")
-    if not modules:
+                groups[part]["lora_modules"] += 1
+        elif isinstance(mod, nn.modules.conv._ConvNd) and (wanted is None or leaf in wanted):
+            skipped.append(f"{name} ({type(mod).__name__}): LoRA needs a linear layer; frozen (add the part to "
+                           "lora.train_fully to train it)")
+    fully = [r for part in train_fully for r in _part_roots(model, family, part)]
+    for part in train_fully:
+        n = [r for r in fully if part_of(r, family) == part]
+        groups[part]["full_modules"] = len(n)
+        groups[part]["params"] = sum(p.numel() for r in n for p in model.get_submodule(r).parameters())
+    if not modules and not fully:
         raise UserError(
             f"no linear layers match lora.targets={targets!r} in scope {scope}",
             where="lora.targets",
-            hint="use 'all-linear' or names such as q_proj, v_proj (see `vlmfit doctor` for the model's layers)",
+            hint="use 'all-linear' or layer names such as q_proj, v_proj (`vlmfit doctor` lists what it resolved)",
         )
-    return Resolved(modules, per_part, skipped)
+    return Resolved(modules, fully, groups, skipped)
+
+
+def count_lora_params(model: nn.Module, resolved: Resolved, family: Family) -> None:
+    """After PEFT injection: fill in the trainable LoRA parameters per part (PEFT names shift by its wrapper)."""
+    for part in resolved.groups:
+        if resolved.groups[part]["lora_modules"]:
+            resolved.groups[part]["params"] = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name and p.requires_grad:
+            base = name.split(".lora_")[0].removeprefix("base_model.model.")
+            part = part_of(base, family)
+            if part in resolved.groups:
+                resolved.groups[part]["params"] += p.numel()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vlmfit.data.schema import check_chat_example
+from vlmfit.data.schema import check_chat_example, count_image_parts, message_text, prompt_of
 from vlmfit.errors import UserError
 from vlmfit.models.families import Family, family_of_processor, get_family
 
@@ -34,54 +34,74 @@ class VisionChatCollator:
       image placeholder and padding tokens are -100. `loss_on="all"`: every text token except image and padding.
     - `max_length=None` (default) never truncates. With a limit, a sequence is cut only inside text; one that would
       lose an image token raises a UserError naming the example.
+    - `label_method`: how assistant replies are found (see `Family.label_method`); defaults to the family's.
     """
 
-    def __init__(self, processor, family: Family | str | None = None, *, loss_on: str = "assistant", max_length: int | None = None):
+    def __init__(self, processor, family: Family | str | None = None, *, loss_on: str = "assistant",
+                 max_length: int | None = None, label_method: str | None = None):
         if isinstance(family, str):
             family = get_family(family)
         family = family or family_of_processor(processor)
         if family is None:
             raise UserError(
                 f"no family is known for processor {type(processor).__name__}",
-                hint="pass family=<name>; known processors are listed in vlmfit.models.families",
+                hint="pass family=<name> (vlmfit.models.families) or load the model with vlmfit.models.load.load",
             )
         if loss_on not in ("assistant", "all"):
             raise UserError(f"loss_on must be 'assistant' or 'all', got {loss_on!r}", where="train.loss_on")
+        self.label_method = label_method or family.label_method
+        if family.prompt_style == "prefix_suffix" and (loss_on != "assistant" or self.label_method != "suffix"):
+            raise UserError(f"{family.name} is a prefix-LM: loss is always on the answer (suffix) only", where="train.loss_on")
+        if self.label_method == "markers" and not family.assistant_start:
+            raise UserError(f"{family.name} has no assistant marker; use label_method='prefix'")
         self.processor, self.family, self.loss_on, self.max_length = processor, family, loss_on, max_length
         tok = processor.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        self.pad_id = tok.pad_token_id
-        self.turn_end_id = tok.convert_tokens_to_ids(family.turn_end)
+        self.turn_end_id = tok.convert_tokens_to_ids(family.turn_end) if family.turn_end else None
         # The assistant marker can tokenize differently after a space; accept each distinct encoding.
         variants = {tuple(tok.encode(v, add_special_tokens=False)) for v in (family.assistant_start, " " + family.assistant_start)}
-        self.start_patterns = sorted(variants, key=len, reverse=True)
+        self.start_patterns = sorted((v for v in variants if v), key=len, reverse=True)
         media = [family.image_token] + ([family.video_token] if family.video_token else [])
         self.media_ids = {tok.convert_tokens_to_ids(t) for t in media} - {tok.unk_token_id, None}
 
     # -- rendering --------------------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The text the processor sees. For prefix-suffix families: the prompt only (the answer goes in `suffix`)."""
+        if self.family.prompt_style == "prefix_suffix":
+            return self._prefix_prompt(messages)
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def encode(self, texts: list[str], images: list[list], padding_side: str = "right") -> dict:
+    def _prefix_prompt(self, messages: list[dict]) -> str:
+        turns = [m for m in messages if m["role"] != "system"]
+        if len([m for m in turns if m["role"] == "user"]) != 1 or len(turns) > 2:
+            raise UserError(f"{self.family.name} takes one question and one answer per example, not a multi-turn chat",
+                            hint="split the conversation into single-turn examples")
+        system = [message_text(m) for m in messages if m["role"] == "system"]
+        n_images = count_image_parts(messages)
+        return self.family.image_token * n_images + " ".join(system + [message_text(turns[0])])
+
+    def encode(self, texts: list[str], images: list[list], padding_side: str = "right", suffixes: list[str] | None = None) -> dict:
         """Run the processor (image token expansion happens here) on rendered texts and per-example image lists."""
         tok = self.processor.tokenizer
         old_side, tok.padding_side = tok.padding_side, padding_side
         try:
             kwargs = {"images": images} if any(images) else {}
-            # Templates that write BOS themselves (Gemma) would get a second one from the tokenizer.
-            if tok.bos_token and all(t.startswith(tok.bos_token) for t in texts):
-                kwargs["add_special_tokens"] = False
             if kwargs and any(len(im) == 0 for im in images):
                 # Processors cannot take a batch in which some rows have images and others none.
                 raise UserError("a batch mixes examples with and without images", hint="use batch_size 1 or give every example an image")
+            # Templates that write BOS themselves (Gemma) would get a second one from the tokenizer.
+            if tok.bos_token and all(t.startswith(tok.bos_token) for t in texts):
+                kwargs["add_special_tokens"] = False
+            if suffixes is not None:
+                kwargs["suffix"] = suffixes
             return dict(self.processor(text=texts, padding=True, return_tensors="pt", **kwargs))
         finally:
             tok.padding_side = old_side
 
     # -- labels -----------------------------------------------------------------------------------------------
     def assistant_mask(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """True on the tokens of every assistant reply, from after its start marker through its end-of-turn token."""
+        """Marker method: True from after each assistant start marker through its end-of-turn token."""
         mask = np.zeros(len(ids), dtype=bool)
         starts = sorted({s + len(p) for p in self.start_patterns for s in _find_all(ids, p)})
         ends = np.flatnonzero(ids == self.turn_end_id)
@@ -91,25 +111,60 @@ class VisionChatCollator:
             mask[s:stop] = True
         return mask & valid
 
+    def prefix_mask(self, example: dict, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Template-agnostic method: render the conversation up to each assistant reply (with the generation prompt)
+        and through it; the reply's tokens are those between the two lengths, after image expansion."""
+        messages, images = example["messages"], list(example.get("images") or [])
+        mask = np.zeros(len(ids), dtype=bool)
+        tok = self.processor.tokenizer
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            spans = []
+            for upto, gen in ((messages[:i], True), (messages[: i + 1], False)):
+                n_img = count_image_parts(upto)
+                spans.append(self.encode([self.render(upto, add_generation_prompt=gen)], [images[:n_img]])["input_ids"][0].numpy())
+            before, through = spans
+            if not (np.array_equal(ids[: len(before)], before) and np.array_equal(ids[: len(through)], through)):
+                raise UserError(
+                    f"the chat template of {type(self.processor).__name__} does not render conversations prefix by prefix, "
+                    "so the assistant replies cannot be located",
+                    hint="use a known family (vlmfit.models.families) or a template whose turns only append text",
+                )
+            stop = len(through)
+            while stop > len(before) and not tok.decode(ids[stop - 1 : stop]).strip():
+                stop -= 1  # whitespace after the end of turn is formatting, not something to learn
+            mask[len(before) : stop] = True
+        return mask & valid
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         for i, ex in enumerate(examples):
             check_chat_example(ex, where=f"example {ex.get('_row', i)}")
-        texts = [self.render(ex["messages"]) for ex in examples]
-        batch = self.encode(texts, [list(ex.get("images") or []) for ex in examples])
+        images = [list(ex.get("images") or []) for ex in examples]
+        if self.label_method == "suffix":
+            answers = [message_text(prompt_and_answer(ex["messages"])[1]) for ex in examples]
+            batch = self.encode([self.render(ex["messages"]) for ex in examples], images, suffixes=answers)
+        else:
+            batch = self.encode([self.render(ex["messages"]) for ex in examples], images)
         input_ids = batch["input_ids"]
         valid = batch["attention_mask"].bool().numpy()
         ids_np = input_ids.numpy()
         media = np.isin(ids_np, list(self.media_ids))
-        if self.loss_on == "assistant":
-            keep = np.stack([self.assistant_mask(ids_np[r], valid[r]) for r in range(len(examples))])
-            for r in range(len(examples)):
-                if not keep[r].any():
-                    raise UserError(
-                        f"example {examples[r].get('_row', r)}: no assistant tokens found after rendering with the chat template",
-                        hint=f"the template must open replies with {self.family.assistant_start!r}; check the processor's chat template",
-                    )
-        else:
+        if self.label_method == "suffix":
+            keep = (batch.pop("labels") != IGNORE_INDEX).numpy()  # the processor masked the prompt itself
+        elif self.loss_on == "all":
             keep = valid.copy()
+        elif self.label_method == "prefix":
+            keep = np.stack([self.prefix_mask(ex, ids_np[r], valid[r]) for r, ex in enumerate(examples)])
+        else:
+            keep = np.stack([self.assistant_mask(ids_np[r], valid[r]) for r in range(len(examples))])
+        for r in range(len(examples)):
+            if not keep[r].any():
+                raise UserError(
+                    f"example {examples[r].get('_row', r)}: no assistant tokens found after rendering with the chat template",
+                    hint=f"check that the example has a non-empty assistant reply and that the template opens replies with "
+                    f"{self.family.assistant_start!r}",
+                )
         keep &= ~media
         labels = input_ids.clone()
         labels[~torch.from_numpy(keep)] = IGNORE_INDEX
@@ -117,6 +172,23 @@ class VisionChatCollator:
         if self.max_length is not None and input_ids.shape[1] > self.max_length:
             batch = self._truncate(batch, media, examples)
         return batch
+
+    def measure(self, examples: list[dict], batch_size: int = 32) -> list[dict]:
+        """Per example, untruncated: token length, the position just after its last image token, and the
+        position of its first trained token. Used to apply the max_length policy before training starts."""
+        saved, self.max_length = self.max_length, None
+        out = []
+        try:
+            for i in range(0, len(examples), batch_size):
+                batch = self(examples[i : i + batch_size])
+                media = np.isin(batch["input_ids"].numpy(), list(self.media_ids))
+                trained = (batch["labels"] != IGNORE_INDEX).numpy()
+                for r, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+                    m, t = np.flatnonzero(media[r]), np.flatnonzero(trained[r])
+                    out.append({"length": int(n), "media_end": int(m[-1]) + 1 if len(m) else 0, "first_trained": int(t[0])})
+        finally:
+            self.max_length = saved
+        return out
 
     def _truncate(self, batch: dict, media: np.ndarray, examples: list[dict]) -> dict:
         """Cut every sequence-shaped tensor at max_length, but never through an image."""
@@ -131,3 +203,8 @@ class VisionChatCollator:
                 )
         seq_shape = tuple(batch["input_ids"].shape)
         return {k: (v[:, :cut] if torch.is_tensor(v) and tuple(v.shape[:2]) == seq_shape else v) for k, v in batch.items()}
+
+
+def prompt_and_answer(messages: list[dict]) -> tuple[list[dict], dict]:
+    prompt = prompt_of(messages)
+    return prompt, messages[len(prompt)]

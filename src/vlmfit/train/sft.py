@@ -28,17 +28,20 @@ def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
     console = console or Console()
     set_seed(cfg.train.seed)
     train_ds, test_ds, labels = load_splits(cfg)
-    run = RunDir.create(cfg)
-    console.print(f"[bold]run directory[/] {run.path}")
     loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision)
     collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
+    console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
+                  f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
+    train_ds, length_report = apply_length_policy(train_ds, collator, cfg, console)
+    run = RunDir.create(cfg)  # only once every check above has passed
+    console.print(f"[bold]run directory[/] {run.path}")
 
     eval_before = None
     if cfg.eval.before:
         eval_before = run_eval(loaded.model, collator, test_ds, labels, cfg, console, "before training")
         run.write_json("eval_before.json", eval_before)
 
-    model = apply_method(loaded, cfg, console)
+    model = apply_method(loaded, cfg, console, run)
     trainer = make_trainer(model, loaded, collator, train_ds, cfg, run)
     t0 = time.perf_counter()
     result = trainer.train()
@@ -63,6 +66,8 @@ def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
         "train_examples": len(train_ds),
         "test_examples": len(test_ds),
         "weights": weights,
+        "label_method": collator.label_method,
+        "max_length": length_report,
     }
     run.write_json("summary.json", summary)
     plot_loss(run)
@@ -86,6 +91,54 @@ def load_splits(cfg: RunConfig):
     return train_ds, test_ds, labels
 
 
+LABEL_METHODS = {
+    "markers": "the family's assistant turn markers",
+    "prefix": "template-agnostic: rendering the conversation prefix by prefix",
+    "suffix": "the processor's prompt/suffix split",
+}
+
+
+def apply_length_policy(train_ds, collator: VisionChatCollator, cfg: RunConfig, console: Console):
+    """With train.max_length set, measure every example first: drop the overlong ones (counted, with reasons), or
+    check that truncating them cuts only text and keeps part of the answer. Fails before training, not during."""
+    limit = cfg.train.max_length
+    if limit is None:
+        return train_ds, {"limit": None}
+    with console.status(f"measuring {len(train_ds)} examples against max_length={limit}"):
+        stats = collator.measure([train_ds[i] for i in range(len(train_ds))], cfg.train.batch_size)
+    over = [i for i, s in enumerate(stats) if s["length"] > limit]
+    report = {"limit": limit, "policy": cfg.train.overlong, "overlong": len(over), "longest": max(s["length"] for s in stats)}
+    if not over:
+        return train_ds, report
+    if cfg.train.overlong == "drop":
+        keep = sorted(set(range(len(train_ds))) - set(over))
+        report["dropped"] = len(over)
+        report["dropped_rows"] = [{"row": i, "reason": f"{stats[i]['length']} tokens > max_length {limit}"} for i in over[:100]]
+        console.print(f"[yellow]dropped {len(over)} of {len(train_ds)} examples longer than max_length={limit}[/]")
+        if not keep:
+            raise UserError(f"every training example is longer than max_length={limit}", where="train.max_length")
+        return train_ds.select(keep), report
+    bad = [i for i in over if stats[i]["media_end"] > limit]
+    if bad:
+        raise UserError(
+            f"{len(bad)} training examples would be truncated through an image at max_length={limit} "
+            f"(rows {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}; longest {report['longest']} tokens)",
+            where="train.max_length",
+            hint="raise train.max_length (or set it to null), lower the image resolution, or set train.overlong: drop",
+        )
+    lost = [i for i in over if stats[i]["first_trained"] >= limit]
+    if lost:
+        raise UserError(
+            f"{len(lost)} training examples would lose their whole answer when truncated at max_length={limit} "
+            f"(rows {', '.join(map(str, lost[:10]))})",
+            where="train.max_length",
+            hint="raise train.max_length or set train.overlong: drop",
+        )
+    report["truncated"] = len(over)
+    console.print(f"[yellow]{len(over)} examples will be truncated to {limit} tokens (inside text only)[/]")
+    return train_ds, report
+
+
 def run_eval(model, collator, test_ds, labels, cfg: RunConfig, console: Console, when: str) -> dict:
     if labels is None:
         raise UserError("evaluation needs a classification dataset with a 'label' column", where="data.source",
@@ -97,7 +150,7 @@ def run_eval(model, collator, test_ds, labels, cfg: RunConfig, console: Console,
     return res
 
 
-def apply_method(loaded: Loaded, cfg: RunConfig, console: Console) -> torch.nn.Module:
+def apply_method(loaded: Loaded, cfg: RunConfig, console: Console, run: RunDir | None = None) -> torch.nn.Module:
     """full: every parameter trains. lora: PEFT adapters on the resolved targets, base frozen."""
     model = loaded.model
     if cfg.method == "full":
@@ -106,14 +159,31 @@ def apply_method(loaded: Loaded, cfg: RunConfig, console: Console) -> torch.nn.M
         return model
     from peft import LoraConfig, get_peft_model
 
-    from vlmfit.models.targets import resolve_lora_targets
+    from vlmfit.models.targets import count_lora_params, resolve_lora_targets
 
-    resolved = resolve_lora_targets(model, loaded.family, list(cfg.lora.scope), cfg.lora.targets)
+    resolved = resolve_lora_targets(model, loaded.family, list(cfg.lora.scope), cfg.lora.targets, list(cfg.lora.train_fully))
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=resolved.modules or None, modules_to_save=resolved.fully_trained or None,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    count_lora_params(model, resolved, loaded.family)
+    console.print(targets_table(resolved))
     for note in resolved.skipped:
         console.print(f"[yellow]skipped[/] {note}")
-    console.print("LoRA targets: " + ", ".join(f"{k} {v}" for k, v in resolved.per_part.items()))
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=resolved.modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    if run is not None:
+        run.write_json("lora_targets.json", resolved.as_dict())
+    return model
+
+
+def targets_table(resolved):
+    from rich.table import Table
+
+    table = Table(title="LoRA targets")
+    for col in ("module group", "LoRA modules", "fully trained modules", "trainable params"):
+        table.add_column(col, justify="left" if col == "module group" else "right")
+    for part, g in resolved.groups.items():
+        table.add_row(part, str(g["lora_modules"]), str(g["full_modules"]), f"{g['params']:,}")
+    return table
 
 
 def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir):
