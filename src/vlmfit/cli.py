@@ -72,6 +72,23 @@ def eval_(target: Annotated[str, typer.Argument(help="a run directory (evaluates
 
 
 @app.command()
+def doctor(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None,
+           samples: Annotated[int, typer.Option(help="how many training examples to tokenize")] = 8,
+           json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False):
+    """Pre-flight a recipe without training: labels, image tokens, truncation, LoRA targets, known pitfalls."""
+    from vlmfit.config import load_config
+    from vlmfit.doctor import print_report, run_doctor
+
+    rep = run_doctor(load_config(_recipe_path(recipe), set), samples)
+    if json_out:
+        print(json.dumps(rep.as_dict(), indent=2))
+    else:
+        print_report(rep, console)
+    if rep.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
 def models():
     """List the tiny offline models (use them as model.name: tiny:<family>)."""
     from vlmfit.models.tiny import TINY_FAMILIES, describe_tiny
@@ -104,7 +121,9 @@ def _quiet_libraries() -> None:
 def main():
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False hands UserError to us; click then returns a typer.Exit's code instead of exiting.
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except UserError as e:
         err_console.print(f"[bold red]error[/]: {e.render()}", highlight=False)
         sys.exit(e.exit_code)

@@ -68,6 +68,10 @@ def check_chat_example(example: dict, where: str = "example") -> None:
             raise UserError(f"message {i} has role {m.get('role')!r}; expected one of {', '.join(ROLES)}", where=where)
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError("no assistant turn: nothing to train on", where=where)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not message_text(m).strip():
+            raise UserError(f"assistant turn (message {i}) is empty: it would teach the model to answer nothing",
+                            where=where, hint="fill in the answer or drop the example")
     n_parts, n_images = count_image_parts(messages), len(example.get("images") or [])
     if n_parts != n_images:
         raise UserError(

@@ -44,7 +44,6 @@ _QWEN = dict(
     projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
     language_prefixes=("model.language_model.",),
     required_inputs=("pixel_values", "image_grid_thw"),
-    advice=("Qwen's Conv3d patch embedding cannot carry LoRA: it is skipped (or trained fully with the projector).",),
 )
 
 FAMILIES: dict[str, Family] = {
@@ -174,3 +173,51 @@ def get_family(name: str) -> Family:
             hint=(f"did you mean '{near}'? " if near else "") + f"known families: {', '.join(FAMILIES)}",
         )
     return FAMILIES[name]
+
+
+# How many image features the model's vision side produces for one processed example, from the config and the
+# processor's output alone (no weights needed, so it works on the meta device). Used by `vlmfit doctor` to check
+# that the image tokens in input_ids match what the model will put there.
+def _qwen_features(config, batch) -> int:
+    merge = config.vision_config.spatial_merge_size
+    grids = [batch[k] for k in ("image_grid_thw", "video_grid_thw") if k in batch]
+    return int(sum((g.prod(-1) // merge**2).sum() for g in grids))
+
+
+def _fixed_per_image(per_image):
+    def count(config, batch) -> int:
+        return int(batch["pixel_values"].shape[0]) * per_image(config) if "pixel_values" in batch else 0
+
+    return count
+
+
+def _idefics3_features(config, batch) -> int:
+    v = config.vision_config
+    per_tile = (v.image_size // v.patch_size) ** 2 // config.scale_factor**2
+    pv = batch["pixel_values"]  # (batch, tiles, C, H, W); padding tiles are all zeros
+    real_tiles = int((pv.flatten(2).abs().sum(-1) > 0).sum())
+    return real_tiles * per_tile
+
+
+def _gemma4_features(config, batch) -> int:
+    if "image_position_ids" not in batch:
+        return 0
+    real_patches = (batch["image_position_ids"] != -1).all(dim=-1).sum()
+    return int(real_patches // config.vision_config.pooling_kernel_size**2)
+
+
+def _llava_per_image(config) -> int:
+    v = config.vision_config
+    return (v.image_size // v.patch_size) ** 2 + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+IMAGE_FEATURES = {
+    "qwen2_vl": _qwen_features,
+    "qwen2_5_vl": _qwen_features,
+    "qwen3_vl": _qwen_features,
+    "smolvlm": _idefics3_features,
+    "gemma3": _fixed_per_image(lambda c: c.mm_tokens_per_image),
+    "gemma4": _gemma4_features,
+    "llava": _fixed_per_image(_llava_per_image),
+    "paligemma": _fixed_per_image(lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2),
+}

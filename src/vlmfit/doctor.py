@@ -1,0 +1,209 @@
+"""`vlmfit doctor`: pre-flight a recipe without training. Loads the processor and the model on the meta device,
+tokenizes a sample of the data and reports what training would see, with a verdict per check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from vlmfit.config import RunConfig
+from vlmfit.errors import UserError
+from vlmfit.models.families import IMAGE_FEATURES, Family
+from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+@dataclass
+class Report:
+    checks: list[Check] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)
+    targets: dict | None = None
+    rendering: Text | None = None
+
+    def add(self, name: str, status: str, detail: str) -> None:
+        self.checks.append(Check(name, status, detail))
+
+    @property
+    def failed(self) -> bool:
+        return any(c.status == "fail" for c in self.checks)
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": not self.failed,
+            "checks": [c.__dict__ for c in self.checks],
+            "examples": self.examples,
+            "lora_targets": self.targets,
+        }
+
+
+def meta_model(ref: str, revision: str | None = None):
+    """The model's module tree with no memory behind it (meta device): names and shapes, no weights."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(ref, revision=revision)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
+    from vlmfit.models.load import family_for, load_processor, resolve_reference
+    from vlmfit.train.sft import LABEL_METHODS, load_splits
+
+    rep = Report()
+    ref = resolve_reference(cfg.model.name)
+    processor = load_processor(ref, cfg.model.revision)
+    model = meta_model(ref, cfg.model.revision)
+    family = family_for(model.config.model_type, processor, cfg.model.name)
+    n_params = sum(p.numel() for p in model.parameters())
+    rep.add("model", "ok", f"{type(model).__name__}, {n_params:,} parameters (built on the meta device: no weights loaded)")
+    try:
+        coll = VisionChatCollator(processor, family, loss_on=cfg.train.loss_on)
+    except UserError as e:
+        rep.add("labels", "fail", e.render())
+        return rep
+    rep.add("labels", "warn" if coll.label_method == "prefix" else "ok",
+            f"family {family.name}: labels by {coll.label_method} ({LABEL_METHODS[coll.label_method]}), loss on {cfg.train.loss_on} tokens")
+
+    train_ds, _, _ = load_splits(cfg)
+    sample = [train_ds[i] for i in range(min(samples, len(train_ds)))]
+    _check_examples(rep, coll, model.config, family, sample, cfg)
+    _check_targets(rep, model, family, cfg)
+    for advice in family.advice:
+        rep.add("advice", "warn", advice)
+    if family.name == "gemma4" and (cfg.train.max_grad_norm > 0.1 or cfg.train.lr > 1e-4):
+        rep.add("hyperparameters", "warn", f"Gemma 4: lr {cfg.train.lr:g}, max_grad_norm {cfg.train.max_grad_norm:g}; "
+                "gradient norms explode with LoRA here, use train.lr: 5.0e-5 and train.max_grad_norm: 0.1")
+    return rep
+
+
+def _check_examples(rep: Report, coll: VisionChatCollator, config, family: Family, sample: list[dict], cfg: RunConfig) -> None:
+    features_of = IMAGE_FEATURES.get(family.name)
+    mismatches, broken = 0, 0
+    limit = cfg.train.max_length
+    for row, ex in enumerate(sample):
+        try:
+            batch = coll([ex])
+        except UserError as e:
+            broken += 1
+            rep.examples.append({"row": row, "error": e.render()})
+            rep.add(f"example {row}", "fail", e.render())
+            continue
+        ids, labels = batch["input_ids"][0], batch["labels"][0]
+        media = torch.isin(ids, torch.tensor(sorted(coll.media_ids)))
+        n_media = int(media.sum())
+        expected = features_of(config, batch) if features_of else None
+        trained = int((labels != IGNORE_INDEX).sum())
+        info = {"row": row, "tokens": len(ids), "image_tokens": n_media, "image_features": expected,
+                "trained_tokens": trained, "masked_tokens": len(ids) - trained}
+        if expected is not None and expected != n_media:
+            mismatches += 1
+            info["problem"] = "image tokens != image features"
+        if limit is not None and len(ids) > limit:
+            media_end = int(media.nonzero().max()) + 1 if n_media else 0
+            first_trained = int((labels != IGNORE_INDEX).nonzero().min())
+            if cfg.train.overlong == "drop":
+                info["problem"] = f"{len(ids)} tokens > max_length {limit}: would be dropped"
+            elif media_end > limit:
+                info["problem"] = f"max_length {limit} cuts through an image (image ends at token {media_end})"
+            elif first_trained >= limit:
+                info["problem"] = f"max_length {limit} removes the whole answer"
+        rep.examples.append(info)
+        if rep.rendering is None:
+            rep.rendering = render_labels(coll.processor.tokenizer, ids, labels, media)
+    good = [e for e in rep.examples if "error" not in e]
+    if features_of is None:
+        rep.add("image tokens", "warn", f"no feature formula for {family.name}: image tokens not checked against the model")
+    elif mismatches:
+        rep.add("image tokens", "fail", f"{mismatches} of {len(good)} examples have image tokens != image features")
+    elif good:
+        rep.add("image tokens", "ok", f"image tokens equal the model's image features in all {len(good)} sampled examples")
+    if good and not broken:
+        rep.add("loss tokens", "ok", f"{sum(e['trained_tokens'] for e in good)} trained / "
+                f"{sum(e['masked_tokens'] for e in good)} masked tokens over {len(good)} examples")
+    cut = [e for e in good if "problem" in e and "max_length" in e["problem"]]
+    if limit is None:
+        rep.add("truncation", "ok", "max_length is null: nothing is ever truncated")
+    elif any("through an image" in e["problem"] or "whole answer" in e["problem"] for e in cut):
+        rep.add("truncation", "fail", f"{len(cut)} sampled examples exceed max_length {limit}: " + cut[0]["problem"])
+    elif cut:
+        rep.add("truncation", "warn", f"{len(cut)} sampled examples exceed max_length {limit} ({cfg.train.overlong})")
+    else:
+        longest = max((e["tokens"] for e in good), default=0)
+        rep.add("truncation", "ok", f"longest sampled example {longest} tokens <= max_length {limit}")
+
+
+def _check_targets(rep: Report, model, family: Family, cfg: RunConfig) -> None:
+    if cfg.method != "lora":
+        rep.add("trainable", "ok", f"method {cfg.method}: every parameter trains")
+        return
+    from vlmfit.models.targets import resolve_lora_targets
+
+    try:
+        res = resolve_lora_targets(model, family, list(cfg.lora.scope), cfg.lora.targets, list(cfg.lora.train_fully))
+    except UserError as e:
+        rep.add("lora targets", "fail", e.render())
+        return
+    rep.targets = res.as_dict()
+    groups = ", ".join(f"{p}: {g['lora_modules']} LoRA / {g['full_modules']} full" for p, g in res.groups.items())
+    rep.add("lora targets", "ok", f"{len(res.modules)} LoRA modules ({groups})")
+    vision = res.groups.get("vision", {})
+    covered = bool(vision.get("lora_modules") or vision.get("full_modules"))
+    rep.add("vision tower", "ok" if covered else "warn",
+            "adapted" if covered else "frozen (lora.scope has no 'vision'): fine for familiar images, "
+            "add vision to lora.scope when the images differ from what the model was trained on")
+    for note in res.skipped:
+        rep.add("lora targets", "warn", f"skipped {note}")
+
+
+def render_labels(tok, ids: torch.Tensor, labels: torch.Tensor, media: torch.Tensor) -> Text:
+    """One example as text: green = carries loss, dim = masked, magenta = image tokens (runs collapsed)."""
+    out, i, ids_l = Text(), 0, ids.tolist()
+    while i < len(ids_l):
+        if media[i]:
+            j = i
+            while j < len(ids_l) and media[j]:
+                j += 1
+            out.append(f"{tok.convert_ids_to_tokens(ids_l[i])}×{j - i}", style="magenta")
+            i = j
+            continue
+        piece = tok.decode([ids_l[i]], skip_special_tokens=False)
+        out.append(piece, style="bold green" if labels[i] != IGNORE_INDEX else "dim")
+        i += 1
+    return out
+
+
+def print_report(rep: Report, console: Console) -> None:
+    if rep.rendering is not None:
+        console.print("[bold]example 0[/] ([bold green]green[/] = trained, [dim]dim[/] = masked, [magenta]magenta[/] = image tokens):")
+        console.print(rep.rendering)
+    if rep.examples:
+        t = Table(title="sampled examples")
+        for col in ("row", "tokens", "image tokens", "image features", "trained", "masked", "problem"):
+            t.add_column(col)
+        for e in rep.examples:
+            if "error" in e:
+                t.add_row(str(e["row"]), "-", "-", "-", "-", "-", e["error"].splitlines()[0])
+            else:
+                feats = "?" if e["image_features"] is None else str(e["image_features"])
+                t.add_row(str(e["row"]), str(e["tokens"]), str(e["image_tokens"]), feats, str(e["trained_tokens"]),
+                          str(e["masked_tokens"]), e.get("problem", ""))
+        console.print(t)
+    style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+    t = Table(title="checks")
+    t.add_column("check")
+    t.add_column("status")
+    t.add_column("detail")
+    for c in rep.checks:
+        t.add_row(c.name, Text(c.status, style=style[c.status]), c.detail)
+    console.print(t)
+    console.print("[bold red]doctor: problems found[/]" if rep.failed else "[bold green]doctor: ready to train[/]")
