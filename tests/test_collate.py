@@ -150,3 +150,22 @@ def test_mismatched_image_count_is_an_error():
     ex["images"] = []
     with pytest.raises(UserError, match="1 image placeholders"):
         VisionChatCollator(loaded.processor, loaded.family)([ex])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3"])
+def test_unknown_family_trains_by_prefix_rendering(family):
+    """A model vlmfit has no table for still gets exact assistant-only labels from its chat template alone."""
+    from vlmfit.models.families import generic_family
+    from vlmfit.models.targets import part_of, resolve_lora_targets
+
+    loaded = load(f"tiny:{family}")
+    generic = generic_family(loaded.processor, "mystery_vl")
+    coll = VisionChatCollator(loaded.processor, generic)
+    assert coll.label_method == "prefix"
+    examples = [multi_turn_example(), chat_example("What digit is this?", "nine", [digit_image(7)])]
+    known = VisionChatCollator(loaded.processor, loaded.family)(examples)
+    got = coll(examples)
+    assert torch.equal(got["labels"], known["labels"])
+    # LoRA scopes fall back to module-name keywords: language-only targets never touch the vision tower.
+    res = resolve_lora_targets(loaded.model, generic, ["language"], "all-linear")
+    assert res.modules and all(part_of(n, loaded.family) == "language" for n in res.modules)

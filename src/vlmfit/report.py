@@ -104,6 +104,17 @@ def _acc(ev: dict | None, mode: str) -> str:
     return f"{100 * ev[mode]['accuracy']:.1f}%"
 
 
+def _length_line(rep: dict) -> str:
+    if rep.get("limit") is None:
+        return "none (nothing truncated)"
+    line = f"{rep['limit']} ({rep['policy']}); {rep['overlong']} examples longer, longest {rep['longest']} tokens"
+    if rep.get("dropped"):
+        line += f"; dropped {rep['dropped']} (rows and reasons in summary.json)"
+    if rep.get("truncated"):
+        line += f"; truncated {rep['truncated']} inside text"
+    return line
+
+
 def write_report(run: RunDir, cfg: RunConfig, summary: dict, eval_before: dict | None, eval_after: dict | None) -> Path:
     modes = [m for m in cfg.eval.modes if (eval_before and m in eval_before) or (eval_after and m in eval_after)]
     lines = [
@@ -113,6 +124,8 @@ def write_report(run: RunDir, cfg: RunConfig, summary: dict, eval_before: dict |
         f"- trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,}",
         f"- steps: {summary['steps']}  train time: {summary['train_seconds']:.1f} s  final loss: {summary['final_loss']:.4f}",
         f"- training examples: {summary['train_examples']}  test examples: {summary['test_examples']}",
+        f"- labels: {summary['label_method']} (loss on {cfg.train.loss_on} tokens)",
+        f"- max_length: {_length_line(summary['max_length'])}",
         "",
         "| accuracy | before | after |",
         "|---|---|---|",
