@@ -72,6 +72,24 @@ def eval_(target: Annotated[str, typer.Argument(help="a run directory (evaluates
 
 
 @app.command()
+def prepare(source: Annotated[str, typer.Argument(help="file (jsonl/json/csv/parquet), image folder, save_to_disk dir, Parquet shards, hub id")],
+            task: Annotated[str, typer.Option(help="classification | vqa | caption | chat | preference")] = "classification",
+            out: Annotated[Optional[Path], typer.Option(help="output directory (default prepared/<source>-<task>)")] = None,
+            strict: Annotated[bool, typer.Option(help="fail on the first bad row instead of skipping and reporting it")] = False,
+            set: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="a data key, e.g. --set image_column=img (repeatable)")] = None):
+    """Turn a dataset into vlmfit's canonical format with train/validation/test splits and a report."""
+    from vlmfit.config import load_config
+    from vlmfit.data.prepare import prepare as run_prepare
+
+    sets = [f"data.source={source}", f"data.task={task}", f"data.strict={str(strict).lower()}"] + [f"data.{kv}" for kv in set or []]
+    cfg = load_config(base={"model": {"name": "none"}}, overrides=sets).data
+    out = out or Path("prepared") / f"{Path(source.rstrip('/')).stem or 'data'}-{task}"
+    report = run_prepare(cfg, out)
+    console.print((out / "prepare_report.md").read_text())
+    console.print(f"[green]prepared[/] {report['kept']} of {report['input_rows']} rows into {out}")
+
+
+@app.command()
 def doctor(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None,
            samples: Annotated[int, typer.Option(help="how many training examples to tokenize")] = 8,
            json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False):
@@ -114,6 +132,9 @@ def _quiet_libraries() -> None:
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
+        import datasets
+
+        datasets.disable_progress_bars()
     except ImportError:
         pass
 

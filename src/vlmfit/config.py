@@ -25,7 +25,28 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    source: str = Field("builtin:mnist", description="builtin:<name> (more source kinds come with `vlmfit prepare`)")
+    source: str = Field("builtin:mnist", description="builtin:<name>, a prepared dir, a file (jsonl/json/csv/parquet), "
+                        "an image folder, a save_to_disk dir, Parquet shards, or a hub dataset id")
+    task: Literal["classification", "vqa", "caption", "chat", "preference"] = "classification"
+    image_column: str | None = None
+    video_column: str | None = None
+    question_column: str | None = None
+    answer_column: str | None = None
+    label_column: str | None = None
+    chosen_column: str | None = None
+    rejected_column: str | None = None
+    messages_column: str | None = None
+    classes: list[str] | None = Field(None, description="the valid class names; rows with another label are skipped")
+    prompt: str | None = Field(None, description="question template; {classes} and {question} are filled in")
+    system: str | None = None
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    split_seed: int = 0
+    strict: bool = Field(False, description="fail on the first bad row instead of skipping and reporting it")
+    max_image_pixels: int = Field(64_000_000, ge=1)
+    video_fps: float | None = Field(2.0, gt=0)
+    video_max_frames: int | None = Field(16, ge=1)
+    frames_per_example: int | None = Field(None, ge=1, description="split each video into examples of this many frames (as images)")
     train_limit: int | None = Field(None, ge=1, description="use at most this many training examples")
     eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many test examples")
 

@@ -66,14 +66,3 @@ def load_builtin(name: str):
             hint=(f"did you mean 'builtin:{near}'? " if near else "") + "available: " + ", ".join(f"builtin:{k}" for k in BUILTIN),
         )
     return BUILTIN[name]()
-
-
-def load_dataset_source(source: str):
-    """Resolve `data.source` to a DatasetDict. Only builtin sources exist so far; file formats come with `prepare`."""
-    if source.startswith("builtin:"):
-        return load_builtin(source.split(":", 1)[1])
-    raise UserError(
-        f"unsupported data source '{source}'",
-        where="data.source",
-        hint="use builtin:mnist (file formats, image folders and hub datasets arrive with `vlmfit prepare`)",
-    )

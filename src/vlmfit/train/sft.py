@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PrinterCallback, TrainerCallback, set_seed
 
 from vlmfit.config import RunConfig
-from vlmfit.data.builtin import load_dataset_source
+from vlmfit.data.prepare import load_dataset_source
 from vlmfit.errors import UserError
 from vlmfit.evaluate.classification import evaluate_classification
 from vlmfit.models.load import Loaded, load
@@ -77,10 +77,14 @@ def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
 
 def load_splits(cfg: RunConfig):
     """Train and test splits (limited as configured) and the class labels of the task."""
-    data = load_dataset_source(cfg.data.source)
+    data = load_dataset_source(cfg.data, Path(cfg.output.dir) / ".prepared")
     for split in ("train", "test"):
-        if split not in data:
-            raise UserError(f"dataset has no '{split}' split (has: {', '.join(data)})", where="data.source")
+        if split not in data or len(data[split]) == 0:
+            raise UserError(f"dataset has no (or an empty) '{split}' split (has: {', '.join(f'{k} {len(v)}' for k, v in data.items())})",
+                            where="data.source", hint="more rows, or a larger data.test_fraction")
+    if "messages" not in data["train"].column_names:
+        raise UserError("this is preference data (prompt/chosen/rejected); supervised fine-tuning needs chat examples",
+                        where="data.task", hint="use task classification / vqa / caption / chat for method full or lora")
     train_ds, test_ds = data["train"], data["test"]
     if cfg.data.train_limit:
         train_ds = train_ds.select(range(min(cfg.data.train_limit, len(train_ds))))
@@ -140,12 +144,11 @@ def apply_length_policy(train_ds, collator: VisionChatCollator, cfg: RunConfig, 
 
 
 def run_eval(model, collator, test_ds, labels, cfg: RunConfig, console: Console, when: str) -> dict:
-    if labels is None:
-        raise UserError("evaluation needs a classification dataset with a 'label' column", where="data.source",
-                        hint="set eval.before and eval.after to false for other tasks")
-    with console.status(f"evaluating {len(test_ds)} test examples {when} ({', '.join(cfg.eval.modes)})"):
-        res = evaluate_classification(model, collator, test_ds, labels, cfg.eval.modes, cfg.eval.batch_size, cfg.eval.max_new_tokens)
-    accs = "  ".join(f"{m}: {100 * res[m]['accuracy']:.1f}%" for m in cfg.eval.modes if m in res)
+    # Without a label set (vqa, captions, chat) there is nothing to constrain to: score free generation only.
+    modes = [m for m in cfg.eval.modes if labels is not None or m == "generate"]
+    with console.status(f"evaluating {len(test_ds)} test examples {when} ({', '.join(modes)})"):
+        res = evaluate_classification(model, collator, test_ds, labels or [], modes, cfg.eval.batch_size, cfg.eval.max_new_tokens)
+    accs = "  ".join(f"{m}: {100 * res[m]['accuracy']:.1f}%" for m in modes if m in res)
     console.print(f"accuracy {when}: {accs}")
     return res
 

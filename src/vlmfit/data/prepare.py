@@ -1,0 +1,287 @@
+"""`vlmfit prepare`: any supported source -> canonical dataset (chat or preference format) with seeded
+train / validation / test splits, saved to disk with a report. Every input row is either kept or listed as
+skipped with its reason; kept + skipped == input rows, always. Rows stream through (memory stays flat)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import tempfile
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from vlmfit.config import DataConfig
+from vlmfit.data.schema import image_part, text_part
+from vlmfit.data.sources import Source, detect_column, open_source
+from vlmfit.data.validate import RowProblem, load_image, require_text
+from vlmfit.errors import UserError
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_PROMPTS = {
+    "classification": "What is shown in this image? Answer with one of: {classes}.",
+    "vqa": "{question}",
+    "caption": "Describe this image.",
+    "preference": "{question}",
+}
+EVASIVE = "The image does not provide that information."
+SIZE_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+
+
+def _features(task: str, classes: list[str] | None):
+    import datasets
+
+    content = datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")})
+    messages = datasets.List({"role": datasets.Value("string"), "content": content})
+    cols = {"images": datasets.List(datasets.Image()), "source_row": datasets.Value("int64"), "split": datasets.Value("string")}
+    if task == "preference":
+        cols.update(prompt=messages, chosen=messages, rejected=messages)
+    else:
+        cols["messages"] = messages
+    if task == "classification":
+        cols["label"] = datasets.ClassLabel(names=classes)
+    return datasets.Features(cols)
+
+
+class _Columns:
+    """The source's column for each role, from the recipe or auto-detected from the first row."""
+
+    def __init__(self, cfg: DataConfig, keys: list[str]):
+        self.image = detect_column(keys, "image", cfg.image_column)
+        self.question = detect_column(keys, "question", cfg.question_column)
+        self.label = detect_column(keys, "label", cfg.label_column)
+        self.answer = detect_column(keys, "answer", cfg.answer_column)
+        self.chosen = detect_column(keys, "chosen", cfg.chosen_column)
+        self.rejected = detect_column(keys, "rejected", cfg.rejected_column)
+        self.messages = detect_column(keys, "messages", cfg.messages_column)
+        named = {k: getattr(cfg, f"{k}_column") for k in ("image", "question", "label", "answer", "chosen", "rejected", "messages")}
+        missing = [f"{k}_column={v!r}" for k, v in named.items() if v and v not in keys]
+        if missing:
+            raise UserError(f"column not in the source: {', '.join(missing)}", where="data",
+                            hint=f"the source has: {', '.join(keys)}")
+
+
+def _label_of(row: dict, cols: _Columns) -> str:
+    return require_text(row, cols.label or cols.answer, "label")
+
+
+def _scan_classes(src: Source, cols_of, cfg: DataConfig) -> list[str]:
+    """Classification without data.classes: one cheap pass over the labels (no images decoded)."""
+    seen = set()
+    for _, row in src.rows():
+        if isinstance(row, dict):
+            try:
+                seen.add(_label_of(row, cols_of(row)))
+            except RowProblem:
+                pass
+    if not seen:
+        raise UserError("no labels found in the source", where="data.label_column", hint="name the label column")
+    return sorted(seen)
+
+
+def _images(row: dict, cols: _Columns, src: Source, cfg: DataConfig, fixes: Counter, sizes: Counter) -> tuple[list[bytes], list[str]]:
+    if cols.image is None or cols.image not in row:
+        raise RowProblem(cols.image or "image", f"missing column '{cols.image or 'image'}'")
+    value = row[cols.image]
+    values = value if isinstance(value, list) else [value]
+    out, digests = [], []
+    for v in values:
+        img = load_image(v, src.base_dir, src.root, cols.image, cfg.max_image_pixels)
+        for f in img.fixes:
+            fixes[f] += 1
+        side = max(img.size)
+        sizes[next((f"<={b}" for b in SIZE_BUCKETS if side <= b), f">{SIZE_BUCKETS[-1]}")] += 1
+        out.append(img.data)
+        digests.append(hashlib.sha1(img.data).hexdigest())
+    return out, digests
+
+
+def _user(n_images: int, text: str) -> dict:
+    return {"role": "user", "content": [image_part() for _ in range(n_images)] + [text_part(text)]}
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": [text_part(text)]}
+
+
+def _chat_messages(row: dict, cols: _Columns, n_images: int) -> list[dict]:
+    raw = row.get(cols.messages) if cols.messages else None
+    if not isinstance(raw, list) or not raw:
+        raise RowProblem(cols.messages or "messages", "missing or empty messages list")
+    messages = []
+    for m in raw:
+        content = m.get("content")
+        parts = [text_part(content)] if isinstance(content, str) else [
+            image_part() if p.get("type") == "image" else text_part(p.get("text") or "") for p in (content or [])]
+        messages.append({"role": m.get("role"), "content": parts})
+    placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
+    if placeholders != n_images:
+        raise RowProblem(cols.messages, f"{placeholders} image placeholders but {n_images} images")
+    if any(m["role"] == "assistant" and not "".join(p["text"] or "" for p in m["content"]).strip() for m in messages):
+        raise RowProblem(cols.messages, "empty assistant turn")
+    return messages
+
+
+def _convert(row: dict, cols: _Columns, src: Source, cfg: DataConfig, classes, prompt: str, fixes: Counter, sizes: Counter):
+    """One raw row -> canonical fields and a duplicate key; RowProblem when it cannot be used."""
+    images, digests = _images(row, cols, src, cfg, fixes, sizes)
+    system = [{"role": "system", "content": [text_part(cfg.system)]}] if cfg.system else []
+    if cfg.task == "chat":
+        msgs = _chat_messages(row, cols, len(images))
+        return {"messages": msgs, "images": images}, json.dumps([msgs, digests])
+    if cfg.task == "classification":
+        label = _label_of(row, cols)
+        if label not in classes:
+            raise RowProblem(cols.label or cols.answer, f"unknown class '{label}' (classes: {', '.join(classes)})")
+        question = prompt.format(classes=", ".join(classes), question="")
+        out = {"messages": system + [_user(len(images), question), _assistant(label)], "images": images, "label": label}
+        return out, json.dumps([digests, label])
+    question = require_text(row, cols.question, "question") if "{question}" in prompt else ""
+    text = prompt.format(question=question, classes=", ".join(classes or []))
+    if cfg.task == "preference":
+        chosen = require_text(row, cols.chosen, "chosen answer")
+        rejected = require_text(row, cols.rejected, "rejected answer")
+        if chosen == rejected:
+            raise RowProblem(cols.rejected, "chosen and rejected answers are identical")
+        out = {"prompt": system + [_user(len(images), text)], "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)], "images": images}
+        return out, json.dumps([digests, text, chosen, rejected])
+    answer = require_text(row, cols.answer, "answer")
+    return {"messages": system + [_user(len(images), text), _assistant(answer)], "images": images}, json.dumps([digests, text, answer])
+
+
+def _split_of(seed: int, row: int, cfg: DataConfig) -> str:
+    u = random.Random(f"{seed}:{row}").random()  # per-row and seeded: stable whatever else is skipped
+    return "test" if u < cfg.test_fraction else "validation" if u < cfg.test_fraction + cfg.val_fraction else "train"
+
+
+def _generate(src: Source, cfg: DataConfig, classes, prompt: str, stats: dict, skipped_path: str):
+    """Yield canonical rows; write each skipped row (row, column, reason) to skipped.jsonl as it goes."""
+    fixes, sizes, per_split, per_class, reasons = Counter(), Counter(), Counter(), Counter(), Counter()
+    seen: set[bytes] = set()
+    cols = None
+    n_in = 0
+    with open(skipped_path, "w") as skipped:
+        for row_no, row in src.rows():
+            n_in += 1
+            try:
+                if isinstance(row, Exception):
+                    raise RowProblem("row", str(row))
+                cols = cols or _Columns(cfg, list(row))
+                out, key = _convert(row, cols, src, cfg, classes, prompt, fixes, sizes)
+                digest = hashlib.sha1(key.encode()).digest()
+                if digest in seen:
+                    raise RowProblem("row", "duplicate of an earlier row (same images and text)")
+                seen.add(digest)
+            except RowProblem as p:
+                if cfg.strict:
+                    raise UserError(f"row {row_no}: {p.column}: {p.reason}", where=src.location,
+                                    hint="fix the row, or drop data.strict to skip and report bad rows") from None
+                reasons[p.reason.split(":")[0].split(" (")[0]] += 1
+                skipped.write(json.dumps({"row": row_no, "column": p.column, "reason": p.reason}) + "\n")
+                continue
+            split = _split_of(cfg.split_seed, row_no, cfg)
+            per_split[split] += 1
+            if "label" in out:
+                per_class[out["label"]] += 1
+            yield {**out, "source_row": row_no, "split": split}
+    stats.update(input_rows=n_in, kept=sum(per_split.values()), skipped=n_in - sum(per_split.values()),
+                 per_split={s: per_split[s] for s in SPLITS}, per_class=dict(sorted(per_class.items())),
+                 skipped_by_reason=dict(reasons.most_common()), fixes=dict(fixes), image_sizes=dict(sizes))
+
+
+def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
+    """Prepare `cfg.source` into `out_dir` (a DatasetDict on disk + prepare_report.json/.md); returns the report."""
+    import datasets
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"output directory '{out}' is not empty", where="--out", hint="choose a new directory")
+    src = open_source(cfg.source)
+    prompt = cfg.prompt or DEFAULT_PROMPTS.get(cfg.task, "")
+    classes = cfg.classes
+    if cfg.task == "classification" and classes is None:
+        first: dict = {}
+        classes = _scan_classes(src, lambda row: first.setdefault("c", _Columns(cfg, list(row))), cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    stats: dict = {}
+    tmp = tempfile.mkdtemp(prefix="vlmfit-prepare-")
+    try:
+        ds = _from_generator(
+            generator=_generate, features=_features(cfg.task, classes), cache_dir=tmp, fingerprint=uuid.uuid4().hex,
+            # classes as a tuple: datasets shards list-valued gen_kwargs across generator runs.
+            gen_kwargs={"src": src, "cfg": cfg, "classes": tuple(classes or ()), "prompt": prompt, "stats": stats,
+                        "skipped_path": str(out / "skipped.jsonl")},
+        ) if _has_rows(src) else None
+        if ds is None or not stats.get("kept"):
+            reasons = stats.get("skipped_by_reason", {})
+            raise UserError(f"no usable rows in the source ({stats.get('input_rows', 0)} read)", where=cfg.source,
+                            hint=f"reasons: {reasons}; see {out / 'skipped.jsonl'}" if reasons else "is the source empty?")
+        splits = {s: ds.filter(lambda v, s=s: v == s, input_columns="split").remove_columns("split") for s in SPLITS}
+        datasets.DatasetDict(splits).save_to_disk(str(out))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = {"source": cfg.source, "source_kind": src.kind, "task": cfg.task, "classes": classes, "prompt": prompt, **stats}
+    assert report["kept"] + report["skipped"] == report["input_rows"]  # the invariant the report promises
+    (out / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "prepare_report.md").write_text(report_markdown(report, out))
+    return report
+
+
+def _from_generator(**kwargs):
+    """datasets.Dataset.from_generator, with our own errors (strict mode, bad columns) passed through unwrapped."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_generator(**kwargs)
+    except datasets.exceptions.DatasetGenerationError as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
+def _has_rows(src: Source) -> bool:
+    return next(iter(src.rows()), None) is not None
+
+
+def report_markdown(r: dict, out: Path) -> str:
+    lines = [f"# Prepared `{r['source']}` ({r['source_kind']}, task {r['task']})", "",
+             f"- input rows: {r['input_rows']}  kept: {r['kept']}  skipped: {r['skipped']}",
+             "- splits: " + ", ".join(f"{k} {v}" for k, v in r["per_split"].items())]
+    if r.get("per_class"):
+        lines.append("- per class: " + ", ".join(f"{k} {v}" for k, v in r["per_class"].items()))
+    if r.get("image_sizes"):
+        lines.append("- image longest side: " + ", ".join(f"{k}: {v}" for k, v in r["image_sizes"].items()))
+    if r.get("fixes"):
+        lines.append("- fixed (kept): " + ", ".join(f"{k}: {v}" for k, v in r["fixes"].items()))
+    if r["skipped"]:
+        lines += ["", "| skipped because | rows |", "|---|---|"] + [f"| {k} | {v} |" for k, v in r["skipped_by_reason"].items()]
+        lines += ["", f"Every skipped row (row, column, reason): `{out / 'skipped.jsonl'}`."]
+    return "\n".join(lines) + "\n"
+
+
+def load_dataset_source(data, cache_root=None):
+    """`data` (a DataConfig, or a source string) -> DatasetDict. Built-in sets load directly; a directory written by
+    `vlmfit prepare` loads as is; anything else is prepared first into a cache keyed by the data config and source."""
+    import datasets
+
+    cfg = data if isinstance(data, DataConfig) else DataConfig(source=data)
+    if cfg.source.startswith("builtin:"):
+        from vlmfit.data.builtin import load_builtin
+
+        return load_builtin(cfg.source.split(":", 1)[1])
+    src = Path(cfg.source).expanduser()
+    if (src / "prepare_report.json").is_file():
+        return datasets.load_from_disk(str(src))
+    key = cfg.model_dump(mode="json", exclude={"train_limit", "eval_limit"})
+    if src.exists():
+        st = src.stat()
+        key["_source_state"] = [st.st_size, st.st_mtime_ns]
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    out = Path(cache_root or Path.home() / ".cache" / "vlmfit" / "prepared") / digest
+    if not (out / "prepare_report.json").is_file():
+        if out.exists():
+            shutil.rmtree(out)  # an interrupted earlier attempt
+        prepare(cfg, out)
+    return datasets.load_from_disk(str(out))
