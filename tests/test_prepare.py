@@ -78,7 +78,9 @@ def test_json_csv_and_parquet_with_embedded_bytes(tmp_path):
 def test_image_folder_classification(tmp_path):
     for cls in ("cat", "dog"):
         write_digits(tmp_path / "pets" / cls, 3)
-    report, ds = run(tmp_path, tmp_path / "pets", test_fraction=0.0, val_fraction=0.0)
+    report = prepare(DataConfig(source=str(tmp_path / "pets"), test_fraction=0.0, val_fraction=0.0), tmp_path / "out", model="tiny:qwen2_vl")
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    assert report["tokens"]["sampled"] == 6 and report["tokens"]["min"] > 4  # 4 image tokens + the prompt
     assert report["source_kind"] == "imagefolder" and report["classes"] == ["cat", "dog"]
     ex = ds["train"][0]
     assert "cat, dog" in ex["messages"][0]["content"][-1]["text"]  # the prompt lists the classes

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vlmfit.data.schema import check_chat_example, count_image_parts, final_answer, message_text
-from vlmfit.data.video import (SampledVideo, sample_frames, sample_video_files, split_frames, video_example,
+from vlmfit.data.video import (sample_frames, sample_video_files, split_frames, video_example,
                                video_metadata)
 from vlmfit.errors import UserError
 
@@ -144,7 +144,3 @@ def test_metadata_matches_the_sampled_frames():
     assert len(md["frames_indices"]) == len(v.frames)
     assert [i / md["fps"] for i in md["frames_indices"]] == pytest.approx(v.timestamps, abs=1e-6)
 
-
-def test_sampled_video_is_a_plain_dataclass():
-    v = SampledVideo(frames=[], timestamps=[], source_fps=25.0, duration=1.0, path="x.mp4")
-    assert v.path == "x.mp4"

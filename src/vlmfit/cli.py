@@ -76,6 +76,7 @@ def prepare(source: Annotated[str, typer.Argument(help="file (jsonl/json/csv/par
             task: Annotated[str, typer.Option(help="classification | vqa | caption | chat | preference")] = "classification",
             out: Annotated[Optional[Path], typer.Option(help="output directory (default prepared/<source>-<task>)")] = None,
             strict: Annotated[bool, typer.Option(help="fail on the first bad row instead of skipping and reporting it")] = False,
+            model: Annotated[Optional[str], typer.Option(help="report token lengths under this model's processor (e.g. tiny:qwen2_vl)")] = None,
             set: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="a data key, e.g. --set image_column=img (repeatable)")] = None):
     """Turn a dataset into vlmfit's canonical format with train/validation/test splits and a report."""
     from vlmfit.config import load_config
@@ -84,7 +85,7 @@ def prepare(source: Annotated[str, typer.Argument(help="file (jsonl/json/csv/par
     sets = [f"data.source={source}", f"data.task={task}", f"data.strict={str(strict).lower()}"] + [f"data.{kv}" for kv in set or []]
     cfg = load_config(base={"model": {"name": "none"}}, overrides=sets).data
     out = out or Path("prepared") / f"{Path(source.rstrip('/')).stem or 'data'}-{task}"
-    report = run_prepare(cfg, out)
+    report = run_prepare(cfg, out, model=model)
     console.print((out / "prepare_report.md").read_text())
     console.print(f"[green]prepared[/] {report['kept']} of {report['input_rows']} rows into {out}")
 

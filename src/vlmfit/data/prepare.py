@@ -191,8 +191,9 @@ def _generate(src: Source, cfg: DataConfig, classes, prompt: str, stats: dict, s
                  skipped_by_reason=dict(reasons.most_common()), fixes=dict(fixes), image_sizes=dict(sizes))
 
 
-def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
-    """Prepare `cfg.source` into `out_dir` (a DatasetDict on disk + prepare_report.json/.md); returns the report."""
+def prepare(cfg: DataConfig, out_dir: str | Path, model: str | None = None, length_sample: int = 256) -> dict:
+    """Prepare `cfg.source` into `out_dir` (a DatasetDict on disk + prepare_report.json/.md); returns the report.
+    With `model`, the report also has token-length statistics under that model's processor (a sample of train)."""
     import datasets
 
     out = Path(out_dir)
@@ -223,10 +224,29 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {"source": cfg.source, "source_kind": src.kind, "task": cfg.task, "classes": classes, "prompt": prompt, **stats}
+    if model and cfg.task != "preference":
+        report["tokens"] = token_lengths(model, splits["train"], length_sample)
     assert report["kept"] + report["skipped"] == report["input_rows"]  # the invariant the report promises
     (out / "prepare_report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "prepare_report.md").write_text(report_markdown(report, out))
     return report
+
+
+def token_lengths(model: str, ds, n: int) -> dict:
+    """Token lengths (after image expansion) of up to n examples under `model`'s processor: no weights loaded."""
+    import numpy as np
+    from transformers import AutoConfig
+
+    from vlmfit.models.load import family_for, load_processor, resolve_reference
+    from vlmfit.train.collate import VisionChatCollator
+
+    ref = resolve_reference(model)
+    processor = load_processor(ref)
+    family = family_for(AutoConfig.from_pretrained(ref).model_type, processor, model)
+    stats = VisionChatCollator(processor, family).measure([ds[i] for i in range(min(n, len(ds)))])
+    lengths = np.array([s["length"] for s in stats])
+    return {"model": model, "sampled": len(lengths), "min": int(lengths.min()), "median": float(np.median(lengths)),
+            "p95": float(np.percentile(lengths, 95)), "max": int(lengths.max())}
 
 
 def _from_generator(**kwargs):
@@ -253,6 +273,10 @@ def report_markdown(r: dict, out: Path) -> str:
         lines.append("- per class: " + ", ".join(f"{k} {v}" for k, v in r["per_class"].items()))
     if r.get("image_sizes"):
         lines.append("- image longest side: " + ", ".join(f"{k}: {v}" for k, v in r["image_sizes"].items()))
+    if r.get("tokens"):
+        t = r["tokens"]
+        lines.append(f"- tokens under {t['model']} ({t['sampled']} train examples): min {t['min']}, median {t['median']:g}, "
+                     f"p95 {t['p95']:g}, max {t['max']}")
     if r.get("fixes"):
         lines.append("- fixed (kept): " + ", ".join(f"{k}: {v}" for k, v in r["fixes"].items()))
     if r["skipped"]:

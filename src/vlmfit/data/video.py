@@ -60,7 +60,8 @@ def _open(path: pathlib.Path):
     import av  # imported here so that image-only users do not need PyAV
 
     if not path.is_file():
-        raise UserError("video file not found", where=str(path), hint="check the path (relative paths are from the cwd)")
+        what = "is a directory, not a video file" if path.is_dir() else "video file not found"
+        raise UserError(what, where=str(path), hint="check the path (relative paths are from the cwd)")
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as e:
@@ -129,7 +130,7 @@ def sample_frames(path, *, fps: float | None = 2.0, num_frames: int | None = Non
             container.close()
             container = _open(path)
         targets = _targets(duration, fps, num_frames, max_frames, multiple_of)
-        picked = _pick_nearest(container, targets, start, source_fps, path)
+        picked = _pick_nearest(container, targets, start, source_fps, duration, path)
     finally:
         container.close()
     if len(picked) < multiple_of:
@@ -145,16 +146,19 @@ def sample_frames(path, *, fps: float | None = 2.0, num_frames: int | None = Non
                         duration=duration, path=str(path))
 
 
-def _pick_nearest(container, targets: list[float], start: float, source_fps: float, path) -> list[tuple]:
+def _pick_nearest(container, targets: list[float], start: float, source_fps: float, duration: float,
+                  path) -> list[tuple]:
     """Stream the decoded frames, keeping for each target the nearest one; nothing else is held.
 
     Decoders return frames in presentation order, so one pass with the previous frame in hand decides each target
     as soon as a frame at or after it arrives. When targets are closer than a frame apart (num_frames above the
     frame count) neighbouring targets share a frame: the caller still gets the count asked for.
     """
+    import av
+
     container.streams.video[0].thread_type = "AUTO"  # frame/slice threads: decoding dominates the cost
     picked: list[tuple[float, object]] = []
-    prev = None
+    prev, error = None, None
     try:
         for i, frame in enumerate(container.decode(video=0)):
             # Frames without a timestamp (rare raw streams) are placed by their index at the nominal rate.
@@ -165,13 +169,20 @@ def _pick_nearest(container, targets: list[float], start: float, source_fps: flo
             if len(picked) == len(targets):
                 break  # every target decided: do not decode the rest of the file
             prev = (t, frame)
-    except Exception as e:  # a stream corrupt part-way: keep what decoded, fail only if nothing did
-        if prev is None:
-            raise UserError(f"cannot decode the video: {e}", where=str(path), hint="is the file truncated?") from None
+    except av.error.FFmpegError as e:  # corrupt part-way: judged below by how much decoded before it
+        error = e
     if prev is None and not picked:
-        raise UserError("no frames could be decoded", where=str(path), hint="is the file empty or truncated?")
-    # Targets past the last decoded frame (the header duration ran long) take the last frame.
-    picked += [prev] * (len(targets) - len(picked))
+        raise UserError("no frames could be decoded" + (f": {error}" if error else ""), where=str(path),
+                        hint="is the file empty, truncated or in a codec this ffmpeg build lacks?")
+    if missing := len(targets) - len(picked):
+        # The frames ran out before the last targets. A little (the header duration rounds up, or counts a longer
+        # audio track) is fine: the last frame is the nearest. Much more is a truncated or corrupt file, and
+        # padding it with its last frame would silently teach on a frozen video.
+        if targets[-1] - prev[0] > max(0.5, 2 / (source_fps or 25.0)):
+            raise UserError(f"the video frames stop at {prev[0]:.2f} s but the file says it lasts {duration:.2f} s"
+                            + (f" ({error})" if error else ""), where=str(path),
+                            hint="the file is probably truncated or corrupt: re-encode or drop it")
+        picked += [prev] * missing
     return picked
 
 
