@@ -36,7 +36,12 @@ def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the 
     from vlmfit.train.sft import train_sft
 
     cfg = load_config(_recipe_path(recipe), set)
-    run = train_sft(cfg, console)
+    if cfg.method == "dpo":
+        from vlmfit.train.dpo import train_dpo
+
+        run = train_dpo(cfg, console)
+    else:
+        run = train_sft(cfg, console)
     console.print(f"[green]done[/]: {run}")
 
 

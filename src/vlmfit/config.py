@@ -69,6 +69,20 @@ class LoraConfig(_Section):
         return v
 
 
+class DpoConfig(_Section):
+    """Preference optimisation (method: dpo). The policy is trained with `tuning` (LoRA uses the lora section)."""
+
+    tuning: Literal["lora", "full"] = "lora"
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    init_from: Path | None = Field(None, description="a previous run directory: start from its adapter or weights (SFT then DPO)")
+    pairs_from_labels: Literal["mixed", "wrong_label", "evasive"] | None = Field(
+        None, description="build pairs from a labelled (classification) dataset: chosen = the label, rejected = a wrong "
+        "label or the evasive 'The image does not provide that information.'",
+    )
+
+
 class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
@@ -109,8 +123,9 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig = DataConfig()
-    method: Literal["full", "lora"] = "lora"
+    method: Literal["full", "lora", "dpo"] = "lora"
     lora: LoraConfig = LoraConfig()
+    dpo: DpoConfig = DpoConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
