@@ -5,6 +5,7 @@ import json
 
 import datasets
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -39,7 +40,7 @@ def run(tmp_path, source, **kw):
     assert report["kept"] + report["skipped"] == report["input_rows"]
     assert sum(report["per_split"].values()) == report["kept"]
     ds = datasets.load_from_disk(str(tmp_path / "out"))
-    assert sum(len(v) for v in ds.values()) == report["kept"]
+    assert sum(len(v) for v in ds.values()) == sum(report["examples_per_split"].values())  # rows may split into examples
     return report, ds
 
 
@@ -226,3 +227,46 @@ def test_recipe_trains_on_a_raw_source(tmp_path):
     mtime = (cached / "prepare_report.json").stat().st_mtime_ns
     again = load_dataset_source(cfg.data, tmp_path / "runs" / ".prepared")  # reused, not prepared a second time
     assert (cached / "prepare_report.json").stat().st_mtime_ns == mtime and len(again["test"]) == after["n"]
+
+
+def _video_source(tmp_path):
+    import shutil
+
+    from vlmfit.data.video import sample_video_files
+
+    d = tmp_path / "clips"
+    d.mkdir()
+    files = sample_video_files()
+    for f in files:
+        shutil.copy(f, d / f.name)
+    rows = [{"video": f.name, "caption": f"clip {f.stem}"} for f in files] + [{"video": "gone.mp4", "caption": "x"}]
+    (d / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d / "captions.jsonl"
+
+
+def test_video_captions_kept_as_video_train_through_the_collator(tmp_path):
+    from vlmfit.models.load import load
+    from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
+
+    report, ds = run(tmp_path, _video_source(tmp_path), task="caption", video_max_frames=4, test_fraction=0.0, val_fraction=0.0)
+    assert report["kept"] == 3 and report["skipped_by_reason"] == {"video file not found": 1}
+    row = ds["train"][0]
+    assert len(row["videos"]) == 1 and len(row["videos"][0]) == 4 and row["video_meta"][0]["fps"] > 0
+    loaded = load("tiny:qwen2_vl")
+    batch = VisionChatCollator(loaded.processor, loaded.family)([row])
+    assert "pixel_values_videos" in batch and int(batch["video_grid_thw"][0, 0]) == 2  # 4 frames / temporal patch 2
+    trained = batch["input_ids"][0][batch["labels"][0] != IGNORE_INDEX]
+    assert loaded.processor.tokenizer.decode(trained) == row["messages"][1]["content"][0]["text"] + "<|im_end|>"
+    assert torch.isfinite(loaded.model(**batch).loss)
+
+
+def test_video_split_into_one_example_per_frame(tmp_path):
+    report, ds = run(tmp_path, _video_source(tmp_path), task="caption", video_fps=2.0, video_max_frames=6,
+                     frames_per_example=1, test_fraction=0.0, val_fraction=0.0)
+    train = ds["train"]
+    assert report["kept"] == 3 and report["examples_per_split"]["train"] == len(train) == 18
+    for row in train:
+        assert len(row["images"]) == 1 and len(row["frame_timestamps"]) == 1
+        assert row["messages"][1]["content"][0]["text"].startswith("clip ")  # the caption is preserved
+    stamps = [r["frame_timestamps"][0] for r in train if r["source_row"] == 0]
+    assert stamps == sorted(stamps) and len(stamps) == 6

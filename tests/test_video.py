@@ -113,6 +113,29 @@ def test_missing_and_unreadable_files(tmp_path):
     junk.write_bytes(b"this is not a video" * 100)
     with pytest.raises(UserError):
         sample_frames(junk)
+    with pytest.raises(UserError, match="directory"):
+        sample_frames(tmp_path)
+
+
+def test_truncated_video_is_an_error_not_a_frozen_tail(tmp_path):
+    import av
+
+    # Re-mux a real clip with its index first (faststart) and cut it in half: it opens, says 10 s, decodes ~4.5 s.
+    src = {p.name: p for p in sample_video_files()}["bikes.mp4"]
+    whole = tmp_path / "bikes_faststart.mp4"
+    with av.open(str(src)) as inp, av.open(str(whole), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    assert len(sample_frames(whole).frames) == 20
+    half = tmp_path / "bikes_half.mp4"
+    half.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated"):
+        sample_frames(half)
+    with pytest.raises(UserError):  # targets at 2.5 s and 7.5 s: the second lies past the end
+        sample_frames(half, num_frames=2)
 
 
 def test_tiny_qwen2_vl_forward_on_a_real_video():

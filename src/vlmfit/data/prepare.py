@@ -30,7 +30,8 @@ EVASIVE = "The image does not provide that information."
 SIZE_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 
-def _features(task: str, classes: list[str] | None):
+def _features(task: str, classes: list[str] | None, video: str | None = None):
+    """Columns of the prepared dataset. video: None, "video" (kept as a video input) or "frames" (split into images)."""
     import datasets
 
     content = datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")})
@@ -42,6 +43,12 @@ def _features(task: str, classes: list[str] | None):
         cols["messages"] = messages
     if task == "classification":
         cols["label"] = datasets.ClassLabel(names=classes)
+    if video == "video":
+        cols["videos"] = datasets.List(datasets.List(datasets.Image()))
+        cols["video_meta"] = datasets.List({"fps": datasets.Value("float64"), "duration": datasets.Value("float64"),
+                                            "timestamps": datasets.List(datasets.Value("float64"))})
+    elif video == "frames":
+        cols["frame_timestamps"] = datasets.List(datasets.Value("float64"))
     return datasets.Features(cols)
 
 
@@ -49,14 +56,15 @@ class _Columns:
     """The source's column for each role, from the recipe or auto-detected from the first row."""
 
     def __init__(self, cfg: DataConfig, keys: list[str]):
-        self.image = detect_column(keys, "image", cfg.image_column)
+        self.video = detect_column(keys, "video", cfg.video_column)
+        self.image = None if self.video else detect_column(keys, "image", cfg.image_column)
         self.question = detect_column(keys, "question", cfg.question_column)
         self.label = detect_column(keys, "label", cfg.label_column)
         self.answer = detect_column(keys, "answer", cfg.answer_column)
         self.chosen = detect_column(keys, "chosen", cfg.chosen_column)
         self.rejected = detect_column(keys, "rejected", cfg.rejected_column)
         self.messages = detect_column(keys, "messages", cfg.messages_column)
-        named = {k: getattr(cfg, f"{k}_column") for k in ("image", "question", "label", "answer", "chosen", "rejected", "messages")}
+        named = {k: getattr(cfg, f"{k}_column") for k in ("image", "video", "question", "label", "answer", "chosen", "rejected", "messages")}
         missing = [f"{k}_column={v!r}" for k, v in named.items() if v and v not in keys]
         if missing:
             raise UserError(f"column not in the source: {', '.join(missing)}", where="data",
@@ -126,6 +134,8 @@ def _chat_messages(row: dict, cols: _Columns, n_images: int) -> list[dict]:
 
 def _convert(row: dict, cols: _Columns, src: Source, cfg: DataConfig, classes, prompt: str, fixes: Counter, sizes: Counter):
     """One raw row -> canonical fields and a duplicate key; RowProblem when it cannot be used."""
+    if cols.video:
+        return _convert_video(row, cols, src, cfg, prompt)
     images, digests = _images(row, cols, src, cfg, fixes, sizes)
     system = [{"role": "system", "content": [text_part(cfg.system)]}] if cfg.system else []
     if cfg.task == "chat":
@@ -151,6 +161,44 @@ def _convert(row: dict, cols: _Columns, src: Source, cfg: DataConfig, classes, p
     return {"messages": system + [_user(len(images), text), _assistant(answer)], "images": images}, json.dumps([digests, text, answer])
 
 
+def _png(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _convert_video(row: dict, cols: _Columns, src: Source, cfg: DataConfig, prompt: str):
+    """A video row -> one example with a video input, or (data.frames_per_example) several image examples."""
+    from vlmfit.data.video import sample_frames, split_frames, video_example
+
+    value = row.get(cols.video)
+    if not isinstance(value, str) or not value.strip():
+        raise RowProblem(cols.video, "no video path")
+    path = (src.base_dir / value).resolve()
+    if not path.is_relative_to(src.root.resolve()):
+        raise RowProblem(cols.video, f"path '{value}' escapes the dataset root {src.root}")
+    if not path.is_file():
+        raise RowProblem(cols.video, f"video file not found: {value}")
+    try:
+        # An even frame count: Qwen's vision tower groups frames in pairs (temporal patch 2).
+        video = sample_frames(path, fps=cfg.video_fps, max_frames=cfg.video_max_frames, multiple_of=2)
+    except UserError as e:
+        raise RowProblem(cols.video, e.what) from None
+    question = require_text(row, cols.question, "question") if "{question}" in prompt else ""
+    text = prompt.format(question=question, classes="")
+    answer = require_text(row, cols.answer, "answer")
+    ex = video_example(text, answer, video, system=cfg.system)
+    key = json.dumps([str(path), text, answer])
+    if cfg.frames_per_example:
+        parts = split_frames(ex, cfg.frames_per_example)
+        return [{"messages": p["messages"], "images": [_png(f) for f in p["images"]], "frame_timestamps": p["frame_timestamps"]}
+                for p in parts], key
+    meta = {"fps": video.source_fps, "duration": video.duration, "timestamps": list(video.timestamps)}
+    return {"messages": ex["messages"], "images": [], "videos": [[_png(f) for f in video.frames]], "video_meta": [meta]}, key
+
+
 def _split_of(seed: int, row: int, cfg: DataConfig) -> str:
     u = random.Random(f"{seed}:{row}").random()  # per-row and seeded: stable whatever else is skipped
     return "test" if u < cfg.test_fraction else "validation" if u < cfg.test_fraction + cfg.val_fraction else "train"
@@ -158,7 +206,7 @@ def _split_of(seed: int, row: int, cfg: DataConfig) -> str:
 
 def _generate(src: Source, cfg: DataConfig, classes, prompt: str, stats: dict, skipped_path: str):
     """Yield canonical rows; write each skipped row (row, column, reason) to skipped.jsonl as it goes."""
-    fixes, sizes, per_split, per_class, reasons = Counter(), Counter(), Counter(), Counter(), Counter()
+    fixes, sizes, per_split, per_class, reasons, examples = Counter(), Counter(), Counter(), Counter(), Counter(), Counter()
     seen: set[bytes] = set()
     cols = None
     n_in = 0
@@ -181,13 +229,15 @@ def _generate(src: Source, cfg: DataConfig, classes, prompt: str, stats: dict, s
                 reasons[p.reason.split(":")[0].split(" (")[0]] += 1
                 skipped.write(json.dumps({"row": row_no, "column": p.column, "reason": p.reason}) + "\n")
                 continue
-            split = _split_of(cfg.split_seed, row_no, cfg)
+            split = _split_of(cfg.split_seed, row_no, cfg)  # all examples of one row (video chunks) share a split
             per_split[split] += 1
-            if "label" in out:
-                per_class[out["label"]] += 1
-            yield {**out, "source_row": row_no, "split": split}
+            for example in out if isinstance(out, list) else [out]:
+                examples[split] += 1
+                if "label" in example:
+                    per_class[example["label"]] += 1
+                yield {**example, "source_row": row_no, "split": split}
     stats.update(input_rows=n_in, kept=sum(per_split.values()), skipped=n_in - sum(per_split.values()),
-                 per_split={s: per_split[s] for s in SPLITS}, per_class=dict(sorted(per_class.items())),
+                 per_split={s: per_split[s] for s in SPLITS}, examples_per_split={s: examples[s] for s in SPLITS}, per_class=dict(sorted(per_class.items())),
                  skipped_by_reason=dict(reasons.most_common()), fixes=dict(fixes), image_sizes=dict(sizes))
 
 
@@ -200,7 +250,13 @@ def prepare(cfg: DataConfig, out_dir: str | Path, model: str | None = None, leng
     if out.exists() and any(out.iterdir()):
         raise UserError(f"output directory '{out}' is not empty", where="--out", hint="choose a new directory")
     src = open_source(cfg.source)
-    prompt = cfg.prompt or DEFAULT_PROMPTS.get(cfg.task, "")
+    first = next((row for _, row in src.rows() if isinstance(row, dict)), {})
+    video = None
+    if detect_column(list(first), "video", cfg.video_column):
+        if cfg.task not in ("caption", "vqa"):
+            raise UserError(f"video rows are supported for task caption or vqa, not {cfg.task}", where="data.task")
+        video = "frames" if cfg.frames_per_example else "video"
+    prompt = cfg.prompt or ("Describe this video." if video and cfg.task == "caption" else DEFAULT_PROMPTS.get(cfg.task, ""))
     classes = cfg.classes
     if cfg.task == "classification" and classes is None:
         first: dict = {}
@@ -210,7 +266,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, model: str | None = None, leng
     tmp = tempfile.mkdtemp(prefix="vlmfit-prepare-")
     try:
         ds = _from_generator(
-            generator=_generate, features=_features(cfg.task, classes), cache_dir=tmp, fingerprint=uuid.uuid4().hex,
+            generator=_generate, features=_features(cfg.task, classes, video), cache_dir=tmp, fingerprint=uuid.uuid4().hex,
             # classes as a tuple: datasets shards list-valued gen_kwargs across generator runs.
             gen_kwargs={"src": src, "cfg": cfg, "classes": tuple(classes or ()), "prompt": prompt, "stats": stats,
                         "skipped_path": str(out / "skipped.jsonl")},

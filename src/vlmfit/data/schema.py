@@ -72,10 +72,12 @@ def check_chat_example(example: dict, where: str = "example") -> None:
         if m["role"] == "assistant" and not message_text(m).strip():
             raise UserError(f"assistant turn (message {i}) is empty: it would teach the model to answer nothing",
                             where=where, hint="fill in the answer or drop the example")
-    n_parts, n_images = count_image_parts(messages), len(example.get("images") or [])
-    if n_parts != n_images:
-        raise UserError(
-            f"{n_parts} image placeholders in the messages but {n_images} images given",
-            where=where,
-            hint="each {'type': 'image'} content part takes the next image of 'images', in order",
-        )
+    for kind, key in (("image", "images"), ("video", "videos")):
+        n_parts = sum(1 for m in messages for part in _parts(m) if part.get("type") == kind)
+        n_given = len(example.get(key) or [])
+        if n_parts != n_given:
+            raise UserError(
+                f"{n_parts} {kind} placeholders in the messages but {n_given} {key} given",
+                where=where,
+                hint=f"each {{'type': '{kind}'}} content part takes the next item of '{key}', in order",
+            )

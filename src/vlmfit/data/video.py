@@ -5,8 +5,9 @@ user turn and the sampled frames under ``"videos"`` (one list of RGB PIL frames 
 ``"video_timestamps"``. ``split_frames`` turns one such example into several image examples of k frames each
 (seed 002: one frame per step keeps a multi-frame video inside a small memory budget).
 
-Sampling follows qwen-vl-utils: frames at ``fps`` (2 by default) over the whole clip, or ``num_frames`` uniformly,
-with the count trimmed to a multiple of the temporal patch (2 for Qwen) so the processor need not pad.
+Sampling is that of qwen-vl-utils in spirit: frames at ``fps`` (2 by default) over the whole clip, or ``num_frames``
+uniformly, with the count a multiple of the temporal patch (2 for Qwen) so that the processor need not pad. Each
+target time takes the nearest decoded frame, on a grid centred in the clip (qwen-vl-utils includes both ends).
 """
 
 from __future__ import annotations
@@ -207,13 +208,18 @@ def video_metadata(video: SampledVideo) -> dict:
     """What transformers' video processors call `video_metadata`, for frames we sampled ourselves.
 
     Without it the processor assumes the frames are the whole video at an unknown rate: Qwen2.5-VL then times its
-    mRoPE with a default fps and Qwen3-VL writes made-up timestamps into the prompt. Indices are source frame
-    numbers, so `timestamps` (index / fps) are our presentation times and `sampled_fps` is frames / duration.
+    mRoPE with a default fps and Qwen3-VL writes made-up timestamps into the prompt.
     """
-    fps = video.source_fps or (len(video.frames) / video.duration if video.duration else 24.0)
-    return {"total_num_frames": max(1, round(video.duration * fps)), "fps": fps, "duration": video.duration,
-            "width": video.frames[0].width, "height": video.frames[0].height, "video_backend": "pyav",
-            "frames_indices": [round(t * fps) for t in video.timestamps]}
+    return metadata(video.frames, video.timestamps, video.source_fps, video.duration)
+
+
+def metadata(frames: list, timestamps: list[float], source_fps: float | None, duration: float) -> dict:
+    """`video_metadata` from stored facts (a prepared dataset keeps fps, duration and timestamps, not the file).
+    Indices are source frame numbers, so `timestamps` (index / fps) are our presentation times."""
+    fps = source_fps or (len(frames) / duration if duration else 24.0)
+    return {"total_num_frames": max(1, round(duration * fps)), "fps": fps, "duration": duration,
+            "width": frames[0].width, "height": frames[0].height, "video_backend": "pyav",
+            "frames_indices": [round(t * fps) for t in timestamps]}
 
 
 def video_part() -> dict:
@@ -244,6 +250,9 @@ def split_frames(example: dict, frames_per_example: int = 1) -> list[dict]:
     if len(videos) != 1 or n_parts != 1:
         raise UserError(f"split_frames needs exactly one video (found {len(videos)} videos, {n_parts} video parts)",
                         where="split_frames", hint="split each video into its own example first")
+    n_images = sum(1 for m in example["messages"] for p in _content(m) if p.get("type") == "image")
+    if n_images != len(example.get("images") or []):
+        raise UserError(f"{n_images} image parts but {len(example.get('images') or [])} images", where="split_frames")
     frames = list(videos[0])
     stamps = list((example.get("video_timestamps") or [[None] * len(frames)])[0])
     extra = {k: v for k, v in example.items() if k not in ("messages", "images", "videos", "video_timestamps")}

@@ -81,13 +81,16 @@ class VisionChatCollator:
         n_images = count_image_parts(messages)
         return self.family.image_token * n_images + " ".join(system + [message_text(turns[0])])
 
-    def encode(self, texts: list[str], images: list[list], padding_side: str = "right", suffixes: list[str] | None = None) -> dict:
-        """Run the processor (image token expansion happens here) on rendered texts and per-example image lists."""
+    def encode(self, texts: list[str], images: list[list], padding_side: str = "right", suffixes: list[str] | None = None,
+               examples: list[dict] | None = None) -> dict:
+        """Run the processor (image token expansion happens here) on rendered texts and per-example image lists;
+        videos (frames we sampled ourselves, with their timing) come from `examples`."""
         tok = self.processor.tokenizer
         old_side, tok.padding_side = tok.padding_side, padding_side
         try:
             kwargs = {"images": images} if any(images) else {}
-            if kwargs and any(len(im) == 0 for im in images):
+            kwargs.update(self._video_kwargs(examples or []))
+            if "images" in kwargs and any(len(im) == 0 for im in images):
                 # Processors cannot take a batch in which some rows have images and others none.
                 raise UserError("a batch mixes examples with and without images", hint="use batch_size 1 or give every example an image")
             # Templates that write BOS themselves (Gemma) would get a second one from the tokenizer.
@@ -98,6 +101,21 @@ class VisionChatCollator:
             return dict(self.processor(text=texts, padding=True, return_tensors="pt", **kwargs))
         finally:
             tok.padding_side = old_side
+
+    @staticmethod
+    def _video_kwargs(examples: list[dict]) -> dict:
+        from vlmfit.data.video import metadata
+
+        videos, metas = [], []
+        for ex in examples:
+            for i, frames in enumerate(ex.get("videos") or []):
+                meta = (ex.get("video_meta") or [None] * (i + 1))[i] or {}
+                videos.append(list(frames))
+                metas.append(metadata(frames, meta.get("timestamps") or [], meta.get("fps"), meta.get("duration") or 0.0))
+        if not videos:
+            return {}
+        # do_sample_frames=False: the frames were already sampled (by fps, even count); Qwen3-VL would resample.
+        return {"videos": videos, "video_metadata": metas, "do_sample_frames": False}
 
     # -- labels -----------------------------------------------------------------------------------------------
     def assistant_mask(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -123,7 +141,9 @@ class VisionChatCollator:
             spans = []
             for upto, gen in ((messages[:i], True), (messages[: i + 1], False)):
                 n_img = count_image_parts(upto)
-                spans.append(self.encode([self.render(upto, add_generation_prompt=gen)], [images[:n_img]])["input_ids"][0].numpy())
+                n_vid = sum(1 for mm in upto for p in (mm.get("content") or []) if isinstance(p, dict) and p.get("type") == "video")
+                part = {**example, "videos": (example.get("videos") or [])[:n_vid], "video_meta": (example.get("video_meta") or [])[:n_vid]}
+                spans.append(self.encode([self.render(upto, add_generation_prompt=gen)], [images[:n_img]], examples=[part])["input_ids"][0].numpy())
             before, through = spans
             if not (np.array_equal(ids[: len(before)], before) and np.array_equal(ids[: len(through)], through)):
                 raise UserError(
@@ -143,9 +163,9 @@ class VisionChatCollator:
         images = [list(ex.get("images") or []) for ex in examples]
         if self.label_method == "suffix":
             answers = [message_text(prompt_and_answer(ex["messages"])[1]) for ex in examples]
-            batch = self.encode([self.render(ex["messages"]) for ex in examples], images, suffixes=answers)
+            batch = self.encode([self.render(ex["messages"]) for ex in examples], images, suffixes=answers, examples=examples)
         else:
-            batch = self.encode([self.render(ex["messages"]) for ex in examples], images)
+            batch = self.encode([self.render(ex["messages"]) for ex in examples], images, examples=examples)
         input_ids = batch["input_ids"]
         valid = batch["attention_mask"].bool().numpy()
         ids_np = input_ids.numpy()
