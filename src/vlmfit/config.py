@@ -22,6 +22,13 @@ class ModelConfig(_Section):
     name: str = Field(description="hub id (Qwen/Qwen2-VL-2B-Instruct), local HF-format directory, or tiny:<family>")
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="load the base weights quantized with bitsandbytes (method qlora implies 4bit NF4)"
+    )
+    double_quant: bool = Field(True, description="4-bit: quantize the quantization constants too (~0.37 bit/param saved)")
+    min_pixels: int | None = Field(None, ge=1, description="image resolution floor (Qwen: pixels; one token per 28x28)")
+    max_pixels: int | None = Field(None, ge=1, description="image resolution cap (Qwen: pixels; bounds image tokens)")
+    max_soft_tokens: int | None = Field(None, ge=1, description="Gemma 4: image tokens per image (70/140/280/560/1120)")
 
 
 class DataConfig(_Section):
@@ -101,7 +108,10 @@ class TrainConfig(_Section):
     )
     loss_on: Literal["assistant", "all"] = "assistant"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: list[Literal["language", "vision"]] = Field(
+        [], description="recompute activations in these towers during backward (less memory, ~30% more compute)"
+    )
+    optim: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd"] = "adamw"
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
 
@@ -123,7 +133,7 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig = DataConfig()
-    method: Literal["full", "lora", "dpo"] = "lora"
+    method: Literal["full", "lora", "qlora", "dpo"] = "lora"
     lora: LoraConfig = LoraConfig()
     dpo: DpoConfig = DpoConfig()
     train: TrainConfig = TrainConfig()

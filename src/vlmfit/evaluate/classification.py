@@ -72,7 +72,7 @@ def evaluate_classification(model, collator: VisionChatCollator, dataset, labels
                             batch_size: int = 32, max_new_tokens: int = 8) -> dict:
     """Accuracy of `model` on `dataset` (canonical chat examples whose final answer is one of `labels`)."""
     was_training = model.training
-    model.eval()
+    eval_mode(model)
     examples = [dataset[i] for i in range(len(dataset))]
     gold = [final_answer(ex["messages"]) for ex in examples]
     gold_norm = [normalize(g) for g in gold]
@@ -100,6 +100,16 @@ def evaluate_classification(model, collator: VisionChatCollator, dataset, labels
     finally:
         model.train(was_training)
     return result
+
+
+def eval_mode(model) -> None:
+    """model.eval(), except bitsandbytes 4-bit layers on CPU stay in training mode: bitsandbytes 0.50 repacks their
+    weights for a CPU inference kernel on the first eval-mode forward and keeps using that kernel in later training
+    steps, which then fail. These layers behave the same in both modes otherwise (no dropout, no batch statistics)."""
+    model.eval()
+    for m in model.modules():
+        if type(m).__name__ == "Linear4bit" and getattr(m.weight, "device", None) is not None and m.weight.device.type == "cpu":
+            m.train()
 
 
 def _per_class(gold: list[str], correct: list[bool]) -> dict[str, float]:

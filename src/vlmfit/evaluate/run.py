@@ -25,7 +25,7 @@ def evaluate_target(target: str, overrides: list[str] | None, console: Console) 
     if run_dir and (run_dir / "model").is_dir():
         loaded = load(str(run_dir / "model"), cfg.model.dtype)
     else:
-        loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision)
+        loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
         if run_dir and (run_dir / "adapter").is_dir():
             from peft import PeftModel
 

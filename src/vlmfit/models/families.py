@@ -32,6 +32,8 @@ class Family:
     # How labels find the assistant replies: "markers" (assistant_start ... turn_end, fast) or "prefix"
     # (render the conversation prefix by prefix; works for any chat template, used for unknown families).
     label_method: str = "markers"
+    # Which image-resolution knobs the processor has: "pixels" (min/max pixels, Qwen), "soft_tokens" (Gemma 4).
+    resolution: str | None = None
     advice: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -44,6 +46,7 @@ _QWEN = dict(
     projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
     language_prefixes=("model.language_model.",),
     required_inputs=("pixel_values", "image_grid_thw"),
+    resolution="pixels",
 )
 
 FAMILIES: dict[str, Family] = {
@@ -88,6 +91,7 @@ FAMILIES: dict[str, Family] = {
             projector_prefixes=("model.embed_vision.", "model.embed_audio."),
             language_prefixes=("model.language_model.",),
             wrapper_classes=("Gemma4ClippableLinear",),
+            resolution="soft_tokens",
             required_inputs=("pixel_values", "mm_token_type_ids"),
             advice=(
                 "Gemma 4 LoRA has shown exploding gradient norms (transformers#45676): clip at max_grad_norm 0.1 "

@@ -58,21 +58,75 @@ def pick_dtype(dtype: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def load_processor(ref: str, revision: str | None = None):
+def load_processor(ref: str, revision: str | None = None, model_cfg=None):
+    """The processor, with the recipe's image-resolution caps (model.min_pixels / max_pixels / max_soft_tokens)."""
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(ref, revision=revision)
+        processor = AutoProcessor.from_pretrained(ref, revision=revision)
+        caps = _resolution_kwargs(processor, model_cfg) if model_cfg is not None else {}
+        return AutoProcessor.from_pretrained(ref, revision=revision, **caps) if caps else processor
     except OSError as e:
         raise UserError(f"could not load the processor of '{ref}': {str(e).splitlines()[0]}", where="model.name",
                         hint="check the hub id and your network / HF cache (HF_HUB_OFFLINE=1 reads the cache only)") from None
 
 
-def load_model(ref: str, dtype: str = "auto", revision: str | None = None) -> torch.nn.Module:
+def _resolution_kwargs(processor, m) -> dict:
+    asked = {k: getattr(m, k) for k in ("min_pixels", "max_pixels", "max_soft_tokens") if getattr(m, k) is not None}
+    if not asked:
+        return {}
+    family = family_of_processor(processor)
+    kind = family.resolution if family else None
+    if kind == "pixels" and "max_soft_tokens" not in asked:
+        size = processor.image_processor.size
+        return {"size": {"shortest_edge": asked.get("min_pixels", size.shortest_edge),
+                         "longest_edge": asked.get("max_pixels", size.longest_edge)}}
+    if kind == "soft_tokens" and set(asked) == {"max_soft_tokens"}:
+        return {"max_soft_tokens": asked["max_soft_tokens"]}
+    raise UserError(f"{', '.join('model.' + k for k in asked)} not supported for {family.name if family else type(processor).__name__}",
+                    where="model", hint="Qwen families take min_pixels / max_pixels; Gemma 4 takes max_soft_tokens")
+
+
+def _unquantizable(ref: str, revision: str | None) -> list[str]:
+    """Modules kept in the compute dtype when the base is quantized: lm_head (transformers' default), the vision
+    tower and projector (a small share of the parameters whose quantization costs accuracy; bitsandbytes' CPU
+    4-bit kernel also fails on their biased layers under checkpointing), and any linear bitsandbytes cannot
+    block-quantize (input dim not a multiple of its 64-value block), found on the meta device."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(ref, revision=revision)
+    with torch.device("meta"):
+        meta = AutoModelForImageTextToText.from_config(config)
+    family = family_of_model_type(config.model_type)
+    towers = [p.rstrip(".") for p in (family.vision_prefixes + family.projector_prefixes)] if family else []
+    odd = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % 64]
+    return towers + odd + ["lm_head"]
+
+
+def quantization_config(quantization: str, double_quant: bool, dtype: torch.dtype, skip: list[str]):
+    """bitsandbytes settings: 4-bit NF4 (QLoRA) or 8-bit; compute in the training dtype."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                  bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def load_model(ref: str, dtype: str = "auto", revision: str | None = None, quantization: str = "none",
+               double_quant: bool = True) -> torch.nn.Module:
     from transformers import AutoModelForImageTextToText
 
+    kwargs: dict = {"dtype": pick_dtype(dtype), "revision": revision}
+    if quantization != "none":
+        kwargs["quantization_config"] = quantization_config(quantization, double_quant, kwargs["dtype"], _unquantizable(ref, revision))
+        kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"  # bnb places the quantized weights
     try:
-        return AutoModelForImageTextToText.from_pretrained(ref, dtype=pick_dtype(dtype), revision=revision)
+        model = AutoModelForImageTextToText.from_pretrained(ref, **kwargs)
+        if quantization != "none":
+            # A quantized base never trains; frozen from the start, bitsandbytes' in-place bias add also works in eval.
+            model.requires_grad_(False)
+        return model
     except OSError as e:
         raise UserError(f"could not load the model '{ref}': {str(e).splitlines()[0]}", where="model.name",
                         hint="check the hub id and your network / HF cache (HF_HUB_OFFLINE=1 reads the cache only)") from None
@@ -93,9 +147,11 @@ def family_for(model_type: str, processor, name: str) -> Family:
     )
 
 
-def load(name: str, dtype: str = "auto", revision: str | None = None) -> Loaded:
+def load(name: str, dtype: str = "auto", revision: str | None = None, model_cfg=None, quantization: str = "none") -> Loaded:
+    """Model + processor + family. `model_cfg` (the recipe's model section) adds resolution caps and quantization."""
     ref = resolve_reference(name)
-    processor = load_processor(ref, revision)
-    model = load_model(ref, dtype, revision)
+    processor = load_processor(ref, revision, model_cfg)
+    quant = quantization if model_cfg is None or quantization != "none" else model_cfg.quantization
+    model = load_model(ref, dtype, revision, quant, model_cfg.double_quant if model_cfg is not None else True)
     family = family_for(model.config.model_type, processor, name)
     return Loaded(model, processor, family, ref)

@@ -28,7 +28,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
     console = console or Console()
     set_seed(cfg.train.seed)
     train_ds, test_ds, labels = load_splits(cfg)
-    loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision)
+    loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
     collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
     console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
                   f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
@@ -154,13 +154,18 @@ def run_eval(model, collator, test_ds, labels, cfg: RunConfig, console: Console,
 
 
 def apply_method(loaded: Loaded, cfg: RunConfig, console: Console, run: RunDir | None = None) -> torch.nn.Module:
-    """full: every parameter trains. lora: PEFT adapters on the resolved targets, base frozen."""
+    """full: every parameter trains. lora: PEFT adapters on the resolved targets, base frozen. qlora: the same on
+    a 4-bit NF4 base (norms upcast and input grads enabled by PEFT's k-bit preparation)."""
     model = loaded.model
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        # vlmfit turns checkpointing on per tower itself (enable_checkpointing), so PEFT must not do it globally.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     from vlmfit.models.targets import count_lora_params, resolve_lora_targets
 
@@ -194,6 +199,7 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
 
     t = cfg.train
     use_cuda = torch.cuda.is_available()
+    enable_checkpointing(model, loaded.family, t.gradient_checkpointing)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
     args = SFTConfig(
         output_dir=str(run.path / "checkpoints"),
@@ -207,7 +213,8 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         max_length=None,  # vlmfit's collator owns truncation: it never cuts through an image
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=False,  # enabled per tower above: the Trainer's switch would cover the whole model
+        optim=OPTIMIZERS[t.optim],
         bf16=bf16,
         fp16=t.precision == "fp16",
         logging_steps=t.logging_steps,
@@ -229,6 +236,28 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
     # With tqdm off, transformers prints every log dict; RichProgress shows them instead (and writes metrics.jsonl).
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
+
+
+def enable_checkpointing(model, family, parts: list[str]) -> None:
+    """Activation checkpointing for the language model and/or the vision tower, separately.
+
+    transformers switches it on for every layer that supports it; the layers of the parts not asked for are then
+    switched back off through their public `gradient_checkpointing` flag."""
+    if not parts:
+        return
+    from vlmfit.models.targets import part_of
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # a frozen embedding would otherwise cut the graph at the first layer
+    for name, mod in model.named_modules():
+        if getattr(mod, "gradient_checkpointing", None) is True:
+            base = name.removeprefix("base_model.model.")
+            if part_of(base, family) not in parts:
+                mod.gradient_checkpointing = False
 
 
 class RichProgress(TrainerCallback):
@@ -264,7 +293,7 @@ def save_weights(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:
     loaded.processor.save_pretrained(run.path / "processor")
     if not cfg.output.save_model:
         return "not saved (output.save_model: false)"
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         model.save_pretrained(run.path / "adapter")  # PEFT format, safetensors
         return "adapter/"
     model.save_pretrained(run.path / "model")

@@ -1,0 +1,87 @@
+"""Memory techniques as recipe options: QLoRA (4-bit NF4, double quant), 8-bit loading, checkpointing per tower,
+8-bit optimizers, gradient accumulation, image resolution caps."""
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from vlmfit.config import load_config
+from vlmfit.models.load import load
+from vlmfit.train.collate import VisionChatCollator
+from vlmfit.train.sft import apply_method, enable_checkpointing, train_sft
+
+from helpers import digit_image
+from vlmfit.data.schema import chat_example
+
+QUIET = Console(quiet=True)
+
+
+def recipe(tmp_path, *sets):
+    base = ["model.name=tiny:qwen2_vl", f"output.dir={tmp_path}", "output.name=r", "data.train_limit=16", "data.eval_limit=8",
+            "train.max_steps=4", "train.batch_size=2", "train.lr=1e-2", "train.warmup_ratio=0", "train.logging_steps=1"]
+    return load_config(base={"model": {"name": "x"}}, overrides=base + list(sets))
+
+
+def test_qlora_trains_adapters_on_a_4bit_base_with_checkpointing_and_8bit_adam(tmp_path):
+    cfg = recipe(tmp_path, "method=qlora", "lora.scope=[language,vision]", "train.gradient_checkpointing=[language,vision]",
+                 "train.optim=paged-adamw-8bit")
+    run = train_sft(cfg, QUIET)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and (run / "adapter" / "adapter_model.safetensors").is_file()
+    loaded = load("tiny:qwen2_vl", model_cfg=cfg.model, quantization="4bit")
+    kinds = {type(m).__name__ for n, m in loaded.model.named_modules() if n.startswith("model.language_model.layers")}
+    assert "Linear4bit" in kinds  # the language model is NF4...
+    assert not any(type(m).__name__ == "Linear4bit" for n, m in loaded.model.named_modules() if n.startswith("model.visual"))
+    q = next(m for m in loaded.model.modules() if type(m).__name__ == "Linear4bit")
+    assert q.weight.quant_state.nested  # ...with double quantization
+    losses = [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_8bit_loading():
+    loaded = load("tiny:qwen2_vl", quantization="8bit")
+    assert any(type(m).__name__ == "Linear8bitLt" for m in loaded.model.modules())
+    batch = VisionChatCollator(loaded.processor, loaded.family)([chat_example("q?", "one", [digit_image(0)])])
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(**batch).loss)
+
+
+@pytest.mark.parametrize("parts", [["vision"], ["language"], ["language", "vision"]])
+def test_checkpointing_per_tower(tmp_path, parts):
+    from vlmfit.models.targets import part_of
+
+    loaded = load("tiny:qwen2_vl")
+    enable_checkpointing(loaded.model, loaded.family, parts)
+    flags = {part_of(n, loaded.family): m.gradient_checkpointing for n, m in loaded.model.named_modules()
+             if isinstance(getattr(m, "gradient_checkpointing", None), bool) and part_of(n, loaded.family)}
+    assert {p for p, on in flags.items() if on} == set(parts)
+    # Training still matches the un-checkpointed gradient exactly.
+    batch = VisionChatCollator(loaded.processor, loaded.family)([chat_example("q?", "one", [digit_image(0)])])
+    loaded.model.train()
+    loaded.model(**batch).loss.backward()
+    ref = load("tiny:qwen2_vl")
+    ref.model.train()
+    ref.model(**batch).loss.backward()
+    for (n, p), (_, q) in zip(loaded.model.named_parameters(), ref.model.named_parameters()):
+        if p.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+def test_grad_accumulation_keeps_the_global_batch(tmp_path):
+    run = train_sft(recipe(tmp_path, "method=full", "train.batch_size=1", "train.grad_accum=4", "train.max_steps=2",
+                           "eval.before=false", "eval.after=false"), QUIET)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+def test_resolution_cap_bounds_image_tokens():
+    cfg = load_config(base={"model": {"name": "tiny:qwen2_vl", "max_pixels": 56 * 56}})
+    capped = load("tiny:qwen2_vl", model_cfg=cfg.model)
+    free = load("tiny:qwen2_vl")
+    ex = chat_example("q?", "one", [digit_image(0, (112, 112))])
+    image_id = free.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    n = [int((VisionChatCollator(x.processor, x.family)([ex])["input_ids"] == image_id).sum()) for x in (free, capped)]
+    assert n == [16, 4]
+    with pytest.raises(Exception, match="max_soft_tokens"):
+        load("tiny:qwen2_vl", model_cfg=load_config(base={"model": {"name": "x", "max_soft_tokens": 70}}).model)
