@@ -30,12 +30,15 @@ def _recipe_path(name: str) -> Path:
 
 
 @app.command()
-def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None):
+def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None,
+          force: Annotated[bool, typer.Option("--force", help="train even if the memory plan predicts it will not fit")] = False):
     """Fine-tune a model as the recipe says; writes a run directory."""
     from vlmfit.config import load_config
+    from vlmfit.memory.command import preflight
     from vlmfit.train.sft import train_sft
 
     cfg = load_config(_recipe_path(recipe), set)
+    preflight(cfg, console, force)  # on a GPU: refuse a run predicted not to fit, with the breakdown and the fix
     if cfg.method == "dpo":
         from vlmfit.train.dpo import train_dpo
 
@@ -110,6 +113,30 @@ def doctor(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the
         print_report(rep, console)
     if rep.failed:
         raise typer.Exit(1)
+
+
+@app.command()
+def plan(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe; or omit it and give --model")] = None,
+         model: Annotated[Optional[str], typer.Option(help="hub id, local dir, config.json or tiny:<family>")] = None,
+         gpu: Annotated[Optional[str], typer.Option(help="budget: 14GiB, 16GB or a card: v100-16gb, a100-80gb, rtx6000-96gb ...")] = None,
+         fit: Annotated[bool, typer.Option("--fit", help="search for the fastest configuration that fits --gpu and write it")] = False,
+         out: Annotated[Optional[Path], typer.Option(help="where --fit writes the recipe")] = None,
+         measure: Annotated[bool, typer.Option("--measure", help="run a few real steps and compare measured with predicted")] = False,
+         gpus: Annotated[int, typer.Option(help="GPUs for per-GPU DDP / ZeRO-2 / ZeRO-3 / FSDP figures")] = 1,
+         strategy: Annotated[Optional[str], typer.Option(help="ddp | zero2 | zero3 | fsdp")] = None,
+         image_size: Annotated[Optional[str], typer.Option(help="image size to plan for, e.g. 1280x720")] = None,
+         seq_len: Annotated[int, typer.Option(help="text tokens per example (besides image tokens)")] = 512,
+         device: Annotated[str, typer.Option(help="cuda | cpu")] = "cuda",
+         json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+         set: SetOpt = None):
+    """Plan training memory before a run: breakdown per component, verdict against a GPU budget, auto-fit."""
+    from vlmfit.memory.command import plan_command
+
+    code = plan_command(_recipe_path(recipe) if recipe else None, model=model, overrides=set, gpu=gpu, json_out=json_out,
+                        do_fit=fit, out=out, measure=measure, gpus=gpus, strategy=strategy, image_size=image_size,
+                        text_tokens=seq_len, device=device, console=console)
+    if code:
+        raise typer.Exit(code)  # 1: a budget was given and the plan does not fit
 
 
 @app.command()

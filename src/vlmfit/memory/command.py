@@ -1,0 +1,134 @@
+"""What `vlmfit plan` and the pre-flight of `vlmfit train` do, as functions the CLI calls (parse, plan, print)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from vlmfit.errors import UserError
+from vlmfit.memory.budget import GiB, parse_budget
+from vlmfit.memory.estimate import STRATEGIES, Breakdown, per_gpu, plan
+
+
+def _image_hw(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        return h, w
+    except ValueError:
+        raise UserError(f"cannot read image size '{text}'", where="--image-size", hint="WIDTHxHEIGHT, e.g. 1280x720") from None
+
+
+def recipe_config(recipe: Path | None, model: str | None, overrides: list[str] | None):
+    """The run config to plan: a recipe (with --set overrides), or just a model with the default recipe."""
+    from vlmfit.config import load_config
+
+    if recipe is None and model is None:
+        raise UserError("nothing to plan", hint="give a recipe, or --model <hub id | dir | config.json | tiny:family>")
+    sets = list(overrides or []) + ([f"model.name={model}"] if model else [])
+    if recipe is None:
+        return load_config(base={"model": {"name": model}}, overrides=overrides)
+    return load_config(recipe, sets)
+
+
+def multi_gpu_table(bd: Breakdown, gpus: int, strategies=STRATEGIES) -> Table:
+    from vlmfit.memory.catalog import load_model_config
+    from vlmfit.memory.shape import model_shape
+
+    shape = model_shape(load_model_config(bd.model))
+    t = Table(title=f"per GPU at {gpus} GPUs (GiB)")
+    for col in ("strategy", "model states", "activations", "overhead", "total"):
+        t.add_column(col, justify="left" if col == "strategy" else "right")
+    for s in strategies:
+        row = per_gpu(bd, shape, s, gpus)
+        t.add_row(s, *(f"{row[k] / GiB:.2f}" for k in ("model states", "activations", "overhead", "total")))
+    return t
+
+
+def plan_command(recipe: Path | None = None, *, model: str | None = None, overrides: list[str] | None = None,
+                 gpu: str | None = None, json_out: bool = False, do_fit: bool = False, out: Path | None = None,
+                 measure: bool = False, gpus: int = 1, strategy: str | None = None, image_size: str | None = None,
+                 text_tokens: int = 512, device: str = "cuda", console: Console | None = None) -> int:
+    """Print the plan (or JSON); --fit writes a fitted recipe; --measure runs real steps. Returns the exit code:
+    1 when a budget was given and the plan does not fit, else 0."""
+    console = console or Console()
+    cfg = recipe_config(recipe, model, overrides)
+    budget = parse_budget(gpu) if gpu else None
+    hw = _image_hw(image_size)
+    bd = plan(cfg, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens)
+    result: dict = {"plan": bd.as_dict()}
+    if gpus > 1:
+        from vlmfit.memory.catalog import load_model_config
+        from vlmfit.memory.shape import model_shape
+
+        shape = model_shape(load_model_config(cfg.model.name, cfg.model.revision))
+        result["per_gpu"] = {s: {k: round(v / GiB, 3) for k, v in per_gpu(bd, shape, s, gpus).items()}
+                             for s in ([strategy] if strategy else STRATEGIES)}
+    code = 1 if bd.verdict == "does not fit" else 0
+    if do_fit:
+        if budget is None:
+            raise UserError("--fit needs a budget", where="--gpu", hint="e.g. --gpu 14GiB or --gpu v100-16gb")
+        from vlmfit.memory.fit import fit, write_recipe
+
+        fitted, reasons = fit(cfg, budget, device=device, image_hw=hw, text_tokens=text_tokens)
+        stem = Path(recipe).stem if recipe else cfg.model.name.replace("/", "_")
+        path = write_recipe(fitted, reasons, out or Path(f"{stem}-fit.yaml"))
+        result["fit"] = {"recipe": str(path), "reasons": reasons,
+                         "plan": plan(fitted, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens).as_dict()}
+        code = 0
+    if measure:
+        from vlmfit.memory.measure import measure_recipe
+
+        measured, predicted = measure_recipe(cfg)
+        result["measure"] = {"measured": measured.as_dict(), "predicted_peak_bytes": int(predicted.peak),
+                             "predicted_components_bytes": {k: int(v) for k, v in predicted.components.items()}}
+    if json_out:
+        print(json.dumps(result, indent=2))
+        return code
+    console.print(bd.table())
+    for note in bd.notes:
+        console.print(f"[dim]-[/] {note}")
+    if gpus > 1:
+        console.print(multi_gpu_table(bd, gpus, [strategy] if strategy else STRATEGIES))
+    if "fit" in result:
+        console.print(f"[bold]fitted recipe[/] {result['fit']['recipe']}")
+        for r in result["fit"]["reasons"]:
+            console.print(f"  - {r}")
+    if "measure" in result:
+        console.print(measure_table(result["measure"]))
+    return code
+
+
+def measure_table(m: dict) -> Table:
+    t = Table(title=f"measured on {m['measured']['device']} vs predicted (MiB)")
+    for col in ("", "measured", "predicted"):
+        t.add_column(col, justify="right" if col else "left")
+    p = m["predicted_components_bytes"]
+    mib = lambda v: f"{v / 2**20:,.0f}"  # noqa: E731
+    t.add_row("weights (+ adapters)", mib(m["measured"]["weights"]), mib(p["weights"] + p["adapters"]))
+    t.add_row("optimizer state", mib(m["measured"]["optimizer"]), mib(p["optimizer"]))
+    t.add_row("peak", mib(m["measured"]["peak"]), mib(m["predicted_peak_bytes"] - p["overhead"]))
+    return t
+
+
+def preflight(cfg, console: Console | None = None, force: bool = False) -> Breakdown | None:
+    """Before `vlmfit train`: plan against the CUDA device's memory and refuse a run predicted not to fit (with the
+    breakdown and the fix), unless forced. No-op on the CPU (no fixed budget)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    budget = torch.cuda.get_device_properties(0).total_memory
+    bd = plan(cfg, device="cuda", budget=budget)
+    if bd.verdict == "does not fit" and not force:
+        (console or Console()).print(bd.table())
+        raise UserError(
+            f"predicted peak {bd.peak / GiB:.1f} GiB does not fit this GPU ({budget / GiB:.1f} GiB)",
+            where="memory plan",
+            hint="run `vlmfit plan --fit --gpu <card> RECIPE` for a configuration that fits, or pass --force",
+        )
+    return bd

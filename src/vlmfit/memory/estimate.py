@@ -1,0 +1,393 @@
+"""The memory plan: a per-component breakdown (bytes) of one training run, predicted from the model config alone.
+
+Components: base weights (by dtype / quantization), trainable adapters, gradients, optimizer state, activations of
+the language model and of the vision tower, logits and loss buffers, framework overhead. They do not all coexist, so
+the peak is taken over the phases of a step (what HF Trainer does, see `peak`):
+    static   = weights + adapters + optimizer state                  (alive for the whole run after step 1)
+    backward = saved activations + max(loss buffers, one block's backward [+ its recomputation])
+               + gradients already alive (all of them under gradient accumulation; else those made first)
+    step     = all gradients + optimizer temporaries
+    peak     = static + max(backward, step) (+ CUDA context on a GPU)
+Facts HF Trainer/PEFT/bitsandbytes set, as this estimate assumes them:
+- a bf16/fp16-loaded model is trained as is (no fp32 master copy): full fine-tuning costs weights + grads + AdamW
+  states all in bf16 = 8 B/param; DeepSpeed ZeRO instead keeps fp32 master weights and states (see `per_gpu`).
+- PEFT keeps LoRA weights in fp32 (autocast_adapter_dtype): adapter + grad + AdamW = 16 B/param.
+- QLoRA: NF4 = 4.5 bits/param (4.127 with double quantization) for the linears vlmfit quantizes (language model
+  only: the LM head, vision tower and projector stay unquantized, see shape._quantizable);
+  prepare_model_for_kbit_training then upcasts every other parameter (embeddings, norms, LM head, vision tower)
+  to fp32. 8-bit: 1 B/param + an fp32 scale per output row.
+- "adamw" is HF's adamw_torch: torch.optim.AdamW with its default implementation, foreach on CUDA (the step
+  allocates one copy of the second-moment state for its square root) and a per-tensor loop on the CPU (two
+  temporaries the size of the largest trained tensor).
+- With gradient checkpointing vlmfit calls enable_input_require_grads, which makes every sub-model's input
+  require grad: a frozen vision tower then keeps its activations (see _part_modes).
+- Attention is sdpa/flash (no s x s matrix). On CUDA with batch > 1 a padding mask is assumed, under which
+  transformers repeats K/V to every head before sdpa. Projector activations (one small MLP) are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from vlmfit.memory.activations import Dtypes, checkpoint_bytes, layer_bytes, logits_bytes, working_bytes
+from vlmfit.memory.budget import GiB, SAFETY_MARGIN, verdict
+from vlmfit.memory.shape import ModelShape
+from vlmfit.memory.vision import image_cost
+
+CUDA_OVERHEAD = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces: on the card, not in max_memory_allocated
+NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}  # double quant -> ~4.127, else 4.5
+STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything the estimate depends on; `inputs_from_config` fills it from a recipe."""
+
+    method: str = "lora"  # full | lora | qlora (dpo resolves to its tuning, with a doubled batch)
+    quantization: str = "none"  # none | 4bit | 8bit (qlora implies 4bit)
+    double_quant: bool = True
+    weight_dtype: str = "bfloat16"  # dtype the weights are loaded in
+    precision: str = "bf16"  # autocast: bf16 | fp16 | fp32
+    device: str = "cuda"
+    batch_size: int = 1
+    grad_accum: int = 1
+    text_tokens: int = 512
+    max_length: int | None = None
+    images: int = 1  # images per example (frames split into images count here)
+    image_hw: tuple[int, int] = (1024, 1024)
+    video_frames: int = 0  # frames of one video per example (0: no video)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_soft_tokens: int | None = None
+    checkpointing: tuple[str, ...] = ()
+    optim: str = "adamw"
+    lora_r: int = 16
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    lora_scope: tuple[str, ...] = ("language",)
+    lora_train_fully: tuple[str, ...] = ()
+    lora_dropout: float = 0.05
+    media_tokens: tuple[int, int] | None = None  # (LLM tokens, encoder positions) per example, measured: skips the rules
+    input_grads: bool | None = None  # every tower's input requires grad (None: when checkpointing, as vlmfit does)
+    kbit_upcast: bool = True  # prepare_model_for_kbit_training casts non-quantized params to fp32
+    dpo_reference: bool = False  # full-tuning DPO keeps a frozen reference copy of the weights
+    gpus: int = 1
+    strategy: str = "ddp"
+
+
+@dataclass
+class Breakdown:
+    """Predicted memory of one run. Byte figures per component; `peak` is what a device must hold."""
+
+    model: str
+    inputs: PlanInputs
+    params: dict[str, int]
+    trainable_params: int
+    tokens: dict[str, int]  # seq_len, image tokens, vision encoder positions (per example)
+    weights_by_part: dict[str, float]  # bytes of the loaded weights per part (vision/projector/language/embeddings)
+    components: dict[str, float]  # bytes
+    phases: dict[str, float]  # static / backward / step (bytes, before overhead)
+    peak: float
+    notes: list[str] = field(default_factory=list)
+    budget: int | None = None
+    margin: float = SAFETY_MARGIN
+
+    @property
+    def verdict(self) -> str | None:
+        return verdict(int(self.peak), self.budget, self.margin) if self.budget else None
+
+    def with_budget(self, budget: int | None, margin: float = SAFETY_MARGIN) -> Breakdown:
+        return replace(self, budget=budget, margin=margin)
+
+    def as_dict(self) -> dict:
+        d = {
+            "model": self.model, "inputs": asdict(self.inputs), "params": self.params,
+            "trainable_params": self.trainable_params, "tokens": self.tokens,
+            "weights_by_part_gib": {k: round(v / GiB, 3) for k, v in self.weights_by_part.items()},
+            "components_bytes": {k: int(v) for k, v in self.components.items()},
+            "components_gib": {k: round(v / GiB, 3) for k, v in self.components.items()},
+            "phases_gib": {k: round(v / GiB, 3) for k, v in self.phases.items()},
+            "peak_bytes": int(self.peak), "peak_gib": round(self.peak / GiB, 3), "notes": self.notes,
+        }  # fmt: skip
+        if self.budget:
+            d.update(budget_gib=round(self.budget / GiB, 3), margin=self.margin, verdict=self.verdict)
+        return d
+
+    def table(self, title: str | None = None):
+        from rich.table import Table
+
+        t = Table(title=title or f"memory plan: {self.model}")
+        t.add_column("component")
+        t.add_column("GiB", justify="right")
+        t.add_column("note", overflow="fold")
+        for name, value in self.components.items():
+            t.add_row(name, f"{value / GiB:.2f}", COMPONENT_NOTES.get(name, ""))
+        t.add_section()
+        t.add_row("[bold]peak[/]", f"[bold]{self.peak / GiB:.2f}[/]", "static + max(backward, optimizer step) + overhead")
+        if self.budget:
+            colour = {"fits": "green", "tight": "yellow"}.get(self.verdict, "red")
+            t.add_row("budget", f"{self.budget / GiB:.2f}", f"[{colour}]{self.verdict}[/] "
+                      f"(keeps {self.margin:.0%} free for fragmentation and spikes)")
+        return t
+
+
+COMPONENT_NOTES = {
+    "weights": "base model as loaded (quantized linears at 4.127/4.5 or 8 bits)",
+    "adapters": "trainable LoRA weights (fp32) and fully trained copies (PEFT modules_to_save)",
+    "gradients": "one per trainable parameter, in its dtype",
+    "optimizer": "optimizer state (AdamW 2 x param dtype; 8-bit: 2 B/param)",
+    "activations (language)": "saved for backward over all language blocks",
+    "activations (vision)": "saved for backward in the vision tower (0 when it is frozen)",
+    "logits + loss": "fp32 log-softmax and its gradients over batch x seq x vocab",
+    "backward working set": "gradients in flight in one block (+ its recomputation with checkpointing)",
+    "optimizer step temporaries": "AdamW's sqrt of the second moment (foreach on CUDA; per tensor on CPU)",
+    "overhead": "CUDA context and library workspaces (not counted by max_memory_allocated)",
+}
+
+
+def _dtype_bytes(name: str) -> int:
+    return 4 if name in ("float32", "fp32") else 2
+
+
+def _resolve_lora(shape: ModelShape, inp: PlanInputs) -> tuple[dict[str, tuple[int, int]], list[str], int]:
+    """LoRA module name -> (in, out), the roots of fully trained parts and their parameter count, from vlmfit's
+    own resolver (the one training uses) run on the meta model."""
+    from vlmfit.models.families import Family
+    from vlmfit.models.targets import resolve_lora_targets
+
+    key = ("lora", inp.lora_scope, inp.lora_targets, inp.lora_train_fully)
+    if key not in shape.cache:
+        family = shape.family or Family("generic", (), (), "", "", "")
+        targets = inp.lora_targets if isinstance(inp.lora_targets, str) else list(inp.lora_targets)
+        res = resolve_lora_targets(shape.model, family, list(inp.lora_scope), targets, list(inp.lora_train_fully))
+        mods = {n: (shape.model.get_submodule(n).in_features, shape.model.get_submodule(n).out_features)
+                for n in res.modules}
+        n_full = sum(p.numel() for r in res.fully_trained for p in shape.model.get_submodule(r).parameters())
+        shape.cache[key] = (mods, res.fully_trained, n_full)
+    return shape.cache[key]
+
+
+def _part_modes(shape: ModelShape, inp: PlanInputs, lora: dict, fully: list[str], method: str) -> dict[str, str]:
+    """Per part: full / lora / through (frozen but gradients pass through it) / none."""
+    from vlmfit.models.targets import part_of
+
+    if method == "full":
+        return {"vision": "full", "projector": "full", "language": "full"}
+    fam = shape.family
+    lora_parts = {part_of(n, fam) for n in lora} if fam else {"language"}
+    full_parts = {part_of(n, fam) for n in fully} if fam else set()
+    modes = {p: ("full" if p in full_parts else "lora" if p in lora_parts else "none")
+             for p in ("vision", "projector", "language")}
+    if modes["language"] == "none" and (modes["vision"] != "none" or modes["projector"] != "none"):
+        modes["language"] = "through"  # the loss is at the top: gradients cross the language model to reach below
+    input_grads = inp.input_grads if inp.input_grads is not None else bool(inp.checkpointing)
+    if input_grads and modes["vision"] == "none":
+        # transformers' enable_input_require_grads (which vlmfit calls with checkpointing, so that checkpointed
+        # blocks behind frozen embeddings get gradients) hooks the input embeddings of every sub-model, the vision
+        # tower's patch embedding included: a frozen tower then keeps its activations as if it were trained.
+        modes["vision"] = "through"
+    return modes
+
+
+def _sequence(shape: ModelShape, inp: PlanInputs) -> tuple[int, int, int, list[str]]:
+    """Per example: LLM sequence length, image tokens, vision-encoder positions."""
+    fam = shape.family.name if shape.family else None
+    notes = []
+    if inp.media_tokens is not None:
+        tokens, positions = inp.media_tokens
+        return tokens + inp.text_tokens, tokens, positions, [f"{tokens} media tokens per example (given)"]
+    h, w = inp.image_hw
+    kw = dict(min_pixels=inp.min_pixels, max_pixels=inp.max_pixels, max_soft_tokens=inp.max_soft_tokens)
+    img = image_cost(shape.config, fam, h, w, **kw)
+    tokens, positions = img.tokens * inp.images, img.encoder_positions * inp.images
+    if inp.images:
+        notes.append(f"image {h}x{w}: {img.detail}; x{inp.images} per example")
+    if inp.video_frames:
+        vid = image_cost(shape.config, fam, h, w, frames=inp.video_frames, **kw)
+        tokens, positions = tokens + vid.tokens, positions + vid.encoder_positions
+        notes.append(f"video of {inp.video_frames} frames: {vid.detail}")
+    seq = tokens + inp.text_tokens
+    if inp.max_length and seq > inp.max_length:
+        notes.append(f"sequence {seq} > max_length {inp.max_length}: planned at max_length (text is what gets cut)")
+        seq = max(inp.max_length, tokens)
+    return seq, tokens, positions, notes
+
+
+def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
+    """The breakdown for one device (multi-GPU: per GPU, see `per_gpu`)."""
+    method = inp.method
+    quant = "4bit" if method == "qlora" else inp.quantization
+    wb = _dtype_bytes(inp.weight_dtype)
+    autocast16 = inp.precision in ("bf16", "fp16")
+    cb = 2 if autocast16 or (wb == 2 and quant == "none") else 4
+    upcast = quant != "none" and inp.kbit_upcast
+    sb = 4 if upcast else wb
+    cuda = inp.device.startswith("cuda")
+    notes: list[str] = []
+
+    # --- weights ---------------------------------------------------------------------------------------------
+    other_b = 4 if upcast else wb
+    by_part = {p: n * other_b for p, n in shape.other_params.items()}
+    for part, w, b, out, quantized in shape.linears.values():
+        if quant == "4bit" and quantized:
+            by_part[part] += w * NF4_BITS[inp.double_quant] / 8 + b * other_b
+        elif quant == "8bit" and quantized:
+            by_part[part] += w + out * 4 + b * other_b  # int8 weight + an fp32 scale per output row
+        else:
+            by_part[part] += (w + b) * other_b
+    weights = sum(by_part.values())
+    if inp.dpo_reference:
+        weights *= 2
+
+    # --- trainable parameters, gradients, optimizer ------------------------------------------------------------
+    lora, fully, n_full = ({}, [], 0) if method == "full" else _resolve_lora(shape, inp)
+    if method == "full":
+        trainable = shape.total_params
+        train_bytes = wb  # trained in the dtype they were loaded in
+        adapters = 0.0
+        big = trainable
+    else:
+        n_lora = sum(inp.lora_r * (i + o) for i, o in lora.values())
+        trainable = n_lora + n_full
+        train_bytes = 4  # PEFT's fp32 adapters; fully trained copies follow the (upcast) dtype
+        adapters = n_lora * 4 + n_full * other_b
+        big = sum(inp.lora_r * (i + o) for i, o in lora.values() if inp.lora_r * min(i, o) >= 4096) + n_full
+    grads = trainable * train_bytes
+    if inp.optim == "sgd":
+        optim = 0.0
+    elif inp.optim in ("adamw-8bit", "paged-adamw-8bit"):
+        optim = big * 2 + (trainable - big) * 8  # bnb keeps fp32 state for tensors under 4096 elements
+    else:
+        optim = trainable * 2 * train_bytes
+
+    # --- activations -------------------------------------------------------------------------------------------
+    seq, img_tokens, positions, seq_notes = _sequence(shape, inp)
+    notes += seq_notes
+    b = inp.batch_size  # DPO: inputs_from_config already doubled it (chosen + rejected)
+    copy = cb if autocast16 else (4 if sb != 4 else 0)
+    mask = 1 if cuda else (copy or sb)
+    dt = Dtypes(stream=sb, compute=cb, adapter_copy=copy, mask=mask, expand_kv=cuda and b > 1)
+    lora_key = ("modes", method, inp.lora_scope, inp.lora_targets, inp.lora_train_fully, inp.input_grads,
+                bool(inp.checkpointing))
+    if lora_key not in shape.cache:
+        shape.cache[lora_key] = (_part_modes(shape, inp, lora, fully, method), set(lora))
+    modes, lora_names = shape.cache[lora_key]
+
+    def tower(which, layers, mode, tokens, ckpt):
+        """(saved bytes, backward working bytes) of one tower; per-token figures are cached for fit's search."""
+        if not layers or mode == "none":
+            return 0.0, 0.0
+        key = ("tower", which, mode, dt, lora_key, inp.lora_r, inp.lora_dropout, ckpt)
+        if key not in shape.cache:
+            per = [layer_bytes(L, mode, dt, lora_names, inp.lora_r, inp.lora_dropout) for L in layers]
+            work = max(working_bytes(L, dt) for L in layers)
+            if ckpt:
+                shape.cache[key] = (sum(checkpoint_bytes(L, dt) for L in layers), max(per) + work)
+            else:
+                shape.cache[key] = (sum(per), work)
+        saved, working = shape.cache[key]
+        return saved * tokens, working * tokens
+
+    lang_mode = modes["language"]
+    lang, lang_work = tower("language", shape.text_layers, lang_mode, b * seq, "language" in inp.checkpointing)
+    final = 4 * shape.hidden + ((sb * 2) * shape.hidden if lang_mode == "full" else 0)  # final norm (+ lm_head input)
+    lang += final * b * seq
+    vis, vis_work = tower("vision", shape.vision_layers, modes["vision"], b * positions, "vision" in inp.checkpointing)
+    logits = logits_bytes(shape.vocab, dt, shape.logit_softcap) * b * seq
+
+    # --- phases ------------------------------------------------------------------------------------------------
+    early = shape.params["embeddings"] * train_bytes if method == "full" else 0  # LM head grad comes first
+    alive_grads = grads if inp.grad_accum > 1 else early
+    static = weights + adapters + optim
+    backward = lang + vis + max(logits, lang_work, vis_work) + alive_grads
+    dequant = 0.0
+    if quant != "none":  # bitsandbytes dequantizes one weight at a time to multiply on the CPU / in backward
+        dequant = shape.largest_linear() * cb * (1 if cuda else 2)
+        backward += dequant
+    step = grads
+    if inp.optim == "adamw":
+        largest = (max(shape.largest_param, 1) if method == "full" else
+                   max((inp.lora_r * max(i, o) for i, o in lora.values()), default=0))
+        step += trainable * train_bytes if cuda else 2 * largest * train_bytes
+    peak = static + max(backward, step)
+    overhead = CUDA_OVERHEAD if cuda else 0
+    components = {
+        "weights": weights, "adapters": adapters, "gradients": grads, "optimizer": optim,
+        "activations (language)": lang, "activations (vision)": vis, "logits + loss": logits,
+        "backward working set": max(lang_work, vis_work) + dequant, "optimizer step temporaries": step - grads,
+        "overhead": overhead,
+    }  # fmt: skip
+    if modes["vision"] == "through" and vis > 0.1 * peak and "vision" not in inp.checkpointing:
+        notes.append("the frozen vision tower keeps its activations (checkpointing makes every tower's input require "
+                     "grad); add vision to train.gradient_checkpointing to keep only its block inputs")
+    if "language" not in inp.checkpointing and lang > 0.5 * peak:
+        notes.append("language activations dominate: gradient checkpointing would cut them to the block inputs")
+    return Breakdown(
+        model=name, inputs=inp, params=dict(shape.params), trainable_params=int(trainable), weights_by_part=by_part,
+        tokens={"seq_len": seq, "image_tokens": img_tokens, "vision_positions": positions, "batch": b},
+        components=components, phases={"static": static, "backward": backward, "step": step},
+        peak=peak + overhead, notes=notes,
+    )  # fmt: skip
+
+
+def per_gpu(bd: Breakdown, shape: ModelShape, strategy: str, n: int) -> dict[str, float]:
+    """Per-GPU bytes at n GPUs. Activations are per device (per-device batch). Model states follow each engine:
+    DDP replicates (plus gradient buckets); ZeRO-2 = 4P + 16P/N and ZeRO-3 = 4*largest layer + 18P/N over the
+    trained params P (DeepSpeed's estimator: fp32 master + states); FSDP FULL_SHARD shards weights, grads and
+    optimizer state in the model's own dtypes and gathers ~2 layers at a time."""
+    c = bd.components
+    acts = c["activations (language)"] + c["activations (vision)"] + max(c["logits + loss"], c["backward working set"])
+    frozen_w = c["weights"] if bd.inputs.method != "full" else 0.0
+    p = bd.trainable_params
+    largest = max(shape.largest_linear(), shape.vocab * shape.hidden)  # params of the largest module
+    if strategy == "ddp":
+        states = c["weights"] + c["adapters"] + c["optimizer"] + 2 * c["gradients"]  # grads + DDP buckets
+    elif strategy == "zero2":
+        states = frozen_w + 4 * p + 16 * p / n
+    elif strategy == "zero3":
+        states = frozen_w / n + 4 * largest + 18 * p / n
+    elif strategy == "fsdp":
+        states = (c["weights"] + c["adapters"] + c["gradients"] + c["optimizer"]) / n + 2 * largest * 2
+    else:
+        from vlmfit.errors import UserError
+
+        raise UserError(f"unknown strategy '{strategy}'", where="--strategy", hint=", ".join(STRATEGIES))
+    return {"model states": states, "activations": acts, "overhead": c["overhead"], "total": states + acts + c["overhead"]}
+
+
+def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] | None = None, text_tokens: int = 512,
+                       gpus: int = 1, strategy: str = "ddp") -> PlanInputs:
+    """PlanInputs for a RunConfig. `device` decides what "auto" dtype/precision mean (vlmfit: bf16 on a GPU)."""
+    m, t, d, lo = cfg.model, cfg.train, cfg.data, cfg.lora
+    cuda = device.startswith("cuda")
+    method, dpo_ref = cfg.method, False
+    if method == "dpo":
+        method = cfg.dpo.tuning
+        dpo_ref = method == "full"
+    dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
+    images, frames = 1, 0
+    if d.frames_per_example:
+        images = d.frames_per_example  # each example is that many frames, fed as images
+    elif d.video_column:
+        images, frames = 0, d.video_max_frames or 16
+    return PlanInputs(
+        method=method, quantization=m.quantization, double_quant=m.double_quant, weight_dtype=dtype,
+        precision=precision, device=device, batch_size=t.batch_size * (2 if cfg.method == "dpo" else 1),
+        grad_accum=t.grad_accum, text_tokens=text_tokens, max_length=t.max_length, images=images,
+        image_hw=image_hw or (1024, 1024), video_frames=frames, min_pixels=m.min_pixels, max_pixels=m.max_pixels,
+        max_soft_tokens=m.max_soft_tokens, checkpointing=tuple(t.gradient_checkpointing), optim=t.optim,
+        lora_r=lo.r, lora_targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
+        lora_scope=tuple(lo.scope), lora_train_fully=tuple(lo.train_fully), lora_dropout=lo.dropout,
+        dpo_reference=dpo_ref, gpus=gpus, strategy=strategy,
+    )  # fmt: skip
+
+
+def plan(cfg, *, device: str = "cuda", budget: int | None = None, image_hw: tuple[int, int] | None = None,
+         text_tokens: int = 512, shape: ModelShape | None = None) -> Breakdown:
+    """The breakdown for a recipe, from its model's config only (built on the meta device, no weights)."""
+    from vlmfit.memory.catalog import load_model_config
+    from vlmfit.memory.shape import model_shape
+
+    shape = shape or model_shape(load_model_config(cfg.model.name, cfg.model.revision))
+    inp = inputs_from_config(cfg, device=device, image_hw=image_hw, text_tokens=text_tokens)
+    return estimate(shape, inp, cfg.model.name).with_budget(budget)
