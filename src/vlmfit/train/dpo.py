@@ -25,7 +25,8 @@ from vlmfit.evaluate.preference import evaluate_preference
 from vlmfit.models.load import Loaded, load
 from vlmfit.report import RunDir, plot_loss, write_report
 from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
-from vlmfit.train.sft import LABEL_METHODS, RichProgress, apply_length_policy, run_eval, targets_table
+from vlmfit.train.sft import (LABEL_METHODS, RichProgress, apply_length_policy, enable_checkpointing, run_eval,
+                              targets_table, trainer_arguments)
 
 
 def train_dpo(cfg: RunConfig, console: Console | None = None) -> Path:
@@ -269,37 +270,15 @@ def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         reference = "a frozen copy of the starting model (full fine-tuning needs one)"
 
-    t = cfg.train
-    use_cuda = torch.cuda.is_available()
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
+    enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
     args = DPOConfig(
-        output_dir=str(run.path / "checkpoints"),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
+        **trainer_arguments(cfg, run),
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,
-        max_length=None,  # the collator owns truncation: it never cuts through an image
         # Dropout off (TRL's default, lora.dropout included): with it, policy and reference would disagree on
         # identical weights and the rewards would be noise.
         disable_dropout=True,
-        gradient_checkpointing=t.gradient_checkpointing,  # TRL's default is on; vlmfit's is the recipe's
-        bf16=bf16,  # TRL's default is bf16 on, which a CPU run must not get by accident
-        fp16=t.precision == "fp16",
-        logging_steps=t.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=t.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=use_cuda,
     )
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, data_collator=collator,
                          processing_class=loaded.processor, peft_config=peft_config, callbacks=[RichProgress(run)])

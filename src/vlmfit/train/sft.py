@@ -197,34 +197,8 @@ def targets_table(resolved):
 def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir):
     from trl import SFTConfig, SFTTrainer
 
-    t = cfg.train
-    use_cuda = torch.cuda.is_available()
-    enable_checkpointing(model, loaded.family, t.gradient_checkpointing)
-    bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
-    args = SFTConfig(
-        output_dir=str(run.path / "checkpoints"),
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        max_length=None,  # vlmfit's collator owns truncation: it never cuts through an image
-        gradient_checkpointing=False,  # enabled per tower above: the Trainer's switch would cover the whole model
-        optim=OPTIMIZERS[t.optim],
-        bf16=bf16,
-        fp16=t.precision == "fp16",
-        logging_steps=t.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=t.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=use_cuda,
-    )
+    enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
+    args = SFTConfig(**trainer_arguments(cfg, run))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -236,6 +210,37 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
     # With tqdm off, transformers prints every log dict; RichProgress shows them instead (and writes metrics.jsonl).
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
+    """The TrainingArguments every vlmfit recipe shares (SFT and DPO configs take them, plus their own)."""
+    t = cfg.train
+    use_cuda = torch.cuda.is_available()
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
+    return dict(
+        output_dir=str(run.path / "checkpoints"),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps in transformers 5
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        max_length=None,  # vlmfit's collators own truncation: they never cut through an image
+        gradient_checkpointing=False,  # enabled per tower by enable_checkpointing: the Trainer's covers everything
+        optim=OPTIMIZERS[t.optim],
+        bf16=bf16,  # TRL's default is bf16 on, which a CPU run must not get by accident
+        fp16=t.precision == "fp16",
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=t.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=use_cuda,
+    )
 
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
