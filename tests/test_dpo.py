@@ -208,3 +208,17 @@ def test_preference_source_as_given(tmp_path):
     after = json.loads((run / "eval_after.json").read_text())
     assert after["task"] is None and after["preference"]["n"] > 0 and "by_group" not in after["preference"]
     assert "No task metric" in (run / "report.md").read_text()
+
+
+def test_qlora_dpo_trains_adapters_on_a_4bit_base(tmp_path, digits):
+    cfg = dpo_cfg(tmp_path, digits, **{"model.quantization": "4bit", "train.max_steps": 2})
+    loaded, _ = load_start(cfg, QUIET)
+    assert getattr(loaded.model, "is_loaded_in_4bit", False)
+    collator = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
+    trainer, reference = make_trainer(loaded, collator, load_pairs(cfg).train, cfg, RunDir(tmp_path), QUIET)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
+    trainer.train()
+    assert "adapter disabled" in reference
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    with pytest.raises(UserError, match="cannot be trained in full"):
+        train_dpo(dpo_cfg(tmp_path, digits, **{"model.quantization": "4bit", "dpo.tuning": "full"}), QUIET)

@@ -35,6 +35,9 @@ def train_dpo(cfg: RunConfig, console: Console | None = None) -> Path:
     if cfg.train.loss_on != "assistant":
         raise UserError("DPO compares the final replies of each pair; train.loss_on: all does not apply",
                         where="train.loss_on", hint="remove train.loss_on (or set it to assistant) for method dpo")
+    if cfg.model.quantization != "none" and cfg.dpo.tuning == "full":
+        raise UserError(f"a {cfg.model.quantization} quantized model cannot be trained in full", where="dpo.tuning",
+                        hint="dpo.tuning: lora trains adapters on the quantized base (QLoRA), or set model.quantization: none")
     set_seed(cfg.train.seed)
     data = load_pairs(cfg)
     loaded, start = load_start(cfg, console)
@@ -149,7 +152,7 @@ def load_start(cfg: RunConfig, console: Console) -> tuple[Loaded, str]:
     trained further ("adapter"), or its full weights ("model")."""
     src = cfg.dpo.init_from
     if src is None:
-        return load(cfg.model.name, cfg.model.dtype, cfg.model.revision), "base"
+        return load_base(cfg.model.name, cfg), "base"
     where = f"dpo.init_from ({src})"
     if not (src / "config.yaml").is_file():
         raise UserError("not a run directory (no config.yaml)", where=where,
@@ -160,17 +163,28 @@ def load_start(cfg: RunConfig, console: Console) -> tuple[Loaded, str]:
                         where=where, hint=f"set model.name: {prev.model.name}")
     if (src / "model").is_dir():
         console.print(f"starting from the full weights in {src / 'model'}")
-        return load(str(src / "model"), cfg.model.dtype), "model"
+        return load_base(str(src / "model"), cfg), "model"
     if (src / "adapter").is_dir():
         from peft import PeftModel
 
-        loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision)
+        loaded = load_base(cfg.model.name, cfg)
         loaded.model = PeftModel.from_pretrained(loaded.model, str(src / "adapter"), is_trainable=True)
         if cfg.dpo.tuning == "lora":
             console.print(f"continuing the adapter in {src / 'adapter'} (its own LoRA settings: the lora section is not used)")
         return loaded, "adapter"
     raise UserError("the run directory has no saved weights (model/ or adapter/)", where=where,
                     hint="was it trained with output.save_model: false? train it again with weights saved")
+
+
+def load_base(name: str, cfg: RunConfig) -> Loaded:
+    """The weights to start from, with the model section's resolution caps and quantization (QLoRA: 4bit + lora)."""
+    loaded = load(name, cfg.model.dtype, cfg.model.revision if name == cfg.model.name else None, cfg.model)
+    if cfg.model.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Norms upcast and input grads on, as for SFT; checkpointing stays per tower (enable_checkpointing).
+        loaded.model = prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False)
+    return loaded
 
 
 class PreferenceCollator:
