@@ -38,8 +38,13 @@ def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the 
     from vlmfit.train.sft import train_sft
 
     cfg = load_config(_recipe_path(recipe), set)
-    preflight(cfg, console, force)  # on a GPU: refuse a run predicted not to fit, with the breakdown and the fix
-    if cfg.method == "dpo":
+    if cfg.method != "zo":  # forward-only training needs inference memory; the planner models backprop
+        preflight(cfg, console, force)  # on a GPU: refuse a run predicted not to fit, with the breakdown and the fix
+    if cfg.method == "zo":
+        from vlmfit.train.zo import train_zo
+
+        run = train_zo(cfg, console)
+    elif cfg.method == "dpo":
         from vlmfit.train.dpo import train_dpo
 
         run = train_dpo(cfg, console)

@@ -55,6 +55,8 @@ class DataConfig(_Section):
     video_max_frames: int | None = Field(16, ge=1)
     frames_per_example: int | None = Field(None, ge=1, description="split each video into examples of this many frames (as images)")
     train_limit: int | None = Field(None, ge=1, description="use at most this many training examples")
+    shots_per_class: int | None = Field(None, ge=1, description="few-shot: keep the first k training examples of each "
+                                        "class, in the (seeded, shuffled) training order")
     eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many test examples")
 
 
@@ -88,6 +90,35 @@ class DpoConfig(_Section):
         None, description="build pairs from a labelled (classification) dataset: chosen = the label, rejected = a wrong "
         "label or the evasive 'The image does not provide that information.'",
     )
+
+
+class ZoConfig(_Section):
+    """Forward-only training (method: zo): no backward pass, perturbations regenerated from seeds, so memory stays
+    at inference level. Defaults follow SharpZO (NeurIPS 2025) and MeZO (Malladi et al. 2023)."""
+
+    optimizer: Literal["sharpzo", "mezo", "coop"] = Field(
+        "sharpzo", description="sharpzo: sharpness-aware CMA-ES then sparse ZO; mezo: SPSA baseline; "
+        "coop: backprop prompt tuning, the reference (not forward-only)")
+    target: Literal["auto", "prompt", "lora"] = Field(
+        "auto", description="prompt: CoOp-style context vectors of a CLIP text encoder; lora: LoRA adapters of a "
+        "generative VLM (lora section, SFT labels); auto: prompt for CLIP models, lora otherwise")
+    forward_passes: int = Field(4000, ge=2, description="budget: loss evaluations of one parameter setting on one batch")
+    lr: float = Field(1e-3, gt=0)
+    eps: float = Field(1e-3, gt=0, description="finite-difference step")
+    perturbations: int = Field(1, ge=1, description="random directions per gradient estimate (q)")
+    # prompt target (CLIP)
+    ctx_init: str = Field("a photo of a", description="words whose embeddings initialise the context vectors")
+    intrinsic_dim: int | None = Field(512, ge=1, description="tune w in R^d mapped by a fixed random matrix to the "
+                                      "context vectors; null: tune the context vectors directly")
+    # SharpZO stage 1: CMA-ES scored at a sharpness-aware worst case
+    generations: int = Field(100, ge=0, description="CMA-ES generations before switching to sparse ZO (the switch point)")
+    popsize: int = Field(40, ge=2)
+    sigma: float = Field(0.4, gt=0, description="CMA-ES initial step size")
+    rho: float = Field(0.1, ge=0, description="radius of the worst-case perturbation (0 = plain CMA-ES)")
+    # SharpZO stage 2: sparse ZO with normalised estimates and outlier filtering
+    sparsity: float = Field(0.5, ge=0, lt=1, description="share of coordinates left out of each perturbation")
+    outlier_threshold: float = Field(3.0, gt=0, description="skip estimates larger than this many running RMS")
+    eval_every: int = Field(500, ge=1, description="forward passes between held-out evaluations (not counted)")
 
 
 class TrainConfig(_Section):
@@ -133,9 +164,10 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig = DataConfig()
-    method: Literal["full", "lora", "qlora", "dpo"] = "lora"
+    method: Literal["full", "lora", "qlora", "dpo", "zo"] = "lora"
     lora: LoraConfig = LoraConfig()
     dpo: DpoConfig = DpoConfig()
+    zo: ZoConfig = ZoConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()

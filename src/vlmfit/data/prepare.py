@@ -354,7 +354,7 @@ def load_dataset_source(data, cache_root=None):
     src = Path(cfg.source).expanduser()
     if (src / "prepare_report.json").is_file():
         return datasets.load_from_disk(str(src))
-    key = cfg.model_dump(mode="json", exclude={"train_limit", "eval_limit"})
+    key = cfg.model_dump(mode="json", exclude={"train_limit", "eval_limit", "shots_per_class"})
     if src.exists():
         st = src.stat()
         key["_source_state"] = [st.st_size, st.st_mtime_ns]

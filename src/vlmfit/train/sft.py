@@ -86,6 +86,8 @@ def load_splits(cfg: RunConfig):
         raise UserError("this is preference data (prompt/chosen/rejected); supervised fine-tuning needs chat examples",
                         where="data.task", hint="use task classification / vqa / caption / chat for method full or lora")
     train_ds, test_ds = data["train"], data["test"]
+    if cfg.data.shots_per_class:
+        train_ds = few_shot(train_ds, cfg.data.shots_per_class)
     if cfg.data.train_limit:
         train_ds = train_ds.select(range(min(cfg.data.train_limit, len(train_ds))))
     if cfg.data.eval_limit:
@@ -93,6 +95,23 @@ def load_splits(cfg: RunConfig):
     label_feature = train_ds.features.get("label")
     labels = list(label_feature.names) if hasattr(label_feature, "names") else None
     return train_ds, test_ds, labels
+
+
+def few_shot(train_ds, k: int):
+    """The first k examples of each class, in the (shuffled) training order."""
+    if "label" not in train_ds.column_names:
+        raise UserError("data.shots_per_class needs a classification dataset (a 'label' column)", where="data.shots_per_class")
+    seen: dict[int, int] = {}
+    keep = []
+    for i, lab in enumerate(train_ds["label"]):
+        if seen.get(lab, 0) < k:
+            seen[lab] = seen.get(lab, 0) + 1
+            keep.append(i)
+    short = {lab: n for lab, n in seen.items() if n < k}
+    if short:
+        raise UserError(f"{len(short)} classes have fewer than {k} training examples (e.g. class {next(iter(short))}: "
+                        f"{next(iter(short.values()))})", where="data.shots_per_class", hint="lower data.shots_per_class")
+    return train_ds.select(keep)
 
 
 LABEL_METHODS = {

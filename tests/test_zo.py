@@ -1,0 +1,167 @@
+"""Forward-only training (train/zo.py): the optimizers on problems with a known answer, and the no-backprop /
+only-the-tuned-parameters guarantees on real models."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vlmfit.config import load_config
+from vlmfit.train.zo import Log, mezo, noise, perturb_, sharpzo
+
+
+class Toy:
+    """A target over one float64 vector with a closed-form loss (the same API train/zo.py uses for models)."""
+
+    kind = "toy"
+
+    def __init__(self, f, x0):
+        self.f, self.params = f, [torch.tensor(np.asarray(x0), dtype=torch.float64)]
+
+    @property
+    def dim(self):
+        return self.params[0].numel()
+
+    def flat(self):
+        return self.params[0].numpy().copy()
+
+    def set_flat(self, x):
+        self.params[0].copy_(torch.as_tensor(np.asarray(x)))
+
+    def batches(self, batch_size, seed):
+        while True:
+            yield None
+
+    def loss(self, batch):
+        return float(self.f(self.params[0][None])[0])
+
+    def population_losses(self, X, batch):
+        return self.f(torch.as_tensor(np.asarray(X))).numpy()
+
+    def accuracy(self):
+        return -self.loss(None)
+
+
+def zo_cfg(**zo):
+    seed = zo.pop("seed", 0)
+    return load_config(base={"model": {"name": "unused"}, "method": "zo", "train": {"seed": seed}, "zo": zo})
+
+
+def test_perturbation_regenerates_from_seed_and_restores():
+    p = [torch.randn(5, 3), torch.randn(7)]
+    orig = [t.clone() for t in p]
+    perturb_(p, 123, 0.5, sparsity=0.5)
+    z = noise(p, 123, sparsity=0.5)
+    assert torch.allclose(torch.cat([(a - b).flatten() for a, b in zip(p, orig)]), 0.5 * z)
+    assert 0.3 < float((z == 0).float().mean()) < 0.7  # about half the coordinates left out
+    perturb_(p, 123, -0.5, sparsity=0.5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(p, orig))
+
+
+def test_mezo_converges_to_the_optimum_of_a_convex_problem():
+    optimum = np.linspace(-1, 1, 10)
+    t = Toy(lambda X: ((X - torch.as_tensor(optimum)) ** 2).sum(-1), np.zeros(10))
+    start = t.loss(None)
+    mezo(t, zo_cfg(optimizer="mezo", forward_passes=4000, lr=0.05, eps=1e-3), Log(None, t, 10**9))
+    assert t.loss(None) < 1e-3 * start
+    assert np.abs(t.flat() - optimum).max() < 0.02
+
+
+def _rastrigin(X, amplitude=10.0):
+    return (X**2 - amplitude * torch.cos(2 * math.pi * X)).sum(-1) + amplitude * X.shape[-1]
+
+
+def _traps(rho: float, seed: int) -> int:
+    """Coordinates of CMA-ES's final mean left in a local minimum of a 10-d Rastrigin function (its global
+    minimum is 0; every integer point is a local minimum)."""
+    t = Toy(_rastrigin, np.random.default_rng(seed).uniform(-3, 3, 10))
+    cfg = zo_cfg(optimizer="sharpzo", forward_passes=3000, generations=1000, popsize=20, sigma=0.5, rho=rho, seed=seed)
+    sharpzo(t, cfg, Log(None, t, 10**9))
+    return int((np.round(t.flat()) != 0).sum())
+
+
+def test_worst_case_term_smooths_a_jagged_function():
+    # Stage 1 only (the budget ends inside CMA-ES). Scoring candidates at L(x + eps*) with a radius of half a
+    # ripple makes plain CMA-ES's ripple traps largely invisible: fewer coordinates end in a local minimum.
+    seeds = range(16)
+    plain = np.mean([_traps(0.0, s) for s in seeds])
+    sharp = np.mean([_traps(0.5, s) for s in seeds])
+    assert sharp < plain - 0.75, (plain, sharp)
+
+
+def test_sparse_stage_two_descends_and_skips_outliers():
+    optimum = np.full(20, 0.5)
+    calls = [0]
+
+    def spiky(X):  # a clean quadratic, except that every 97th evaluation comes back 100 too high
+        calls[0] += 1
+        return ((X - torch.as_tensor(optimum)) ** 2).sum(-1) + (100.0 if calls[0] % 97 == 0 else 0.0)
+
+    t = Toy(spiky, np.zeros(20))
+    log = Log(None, t, 10**9)
+    sharpzo(t, zo_cfg(optimizer="sharpzo", generations=0, forward_passes=3000, lr=0.01, sparsity=0.5), log)
+    assert log.used == 3000
+    assert log.outliers >= 10  # ~30 spikes in 3,000 evaluations
+    assert float(((t.params[0] - torch.as_tensor(optimum)) ** 2).sum()) < 0.05 * 20 * 0.25
+
+
+def test_zo_config_validates():
+    with pytest.raises(Exception, match="zo.optimizer"):
+        zo_cfg(optimizer="adam")
+    cfg = zo_cfg()
+    assert (cfg.zo.optimizer, cfg.zo.popsize, cfg.zo.sigma, cfg.zo.rho, cfg.zo.intrinsic_dim) == ("sharpzo", 40, 0.4, 0.1, 512)
+
+
+# ---- real models ------------------------------------------------------------------------------------------------
+
+
+def _lora_cfg(tmp_path, family="qwen2_vl", **zo):
+    sets = [f"model.name=tiny:{family}", "method=zo", f"output.dir={tmp_path}", "train.batch_size=4",
+            "data.train_limit=16", "data.eval_limit=10", "eval.batch_size=20", "lora.dropout=0.1"]
+    sets += [f"zo.{k}={v}" for k, v in {"forward_passes": 24, "popsize": 4, "generations": 2, "eval_every": 1000, **zo}.items()]
+    return load_config(base={"model": {"name": "x"}}, overrides=sets)
+
+
+@pytest.mark.parametrize("optimizer", ["sharpzo", "mezo"])
+def test_zo_lora_changes_only_adapters_and_builds_no_graph(tmp_path, optimizer):
+    from rich.console import Console
+
+    from vlmfit.train.zo import OPTIMIZERS, make_target
+
+    cfg = _lora_cfg(tmp_path, optimizer=optimizer, lr=1e-2, eps=1e-2)
+    target = make_target(cfg, Console(quiet=True))
+    assert target.kind == "lora" and target.dim > 0
+    before = {n: p.detach().clone() for n, p in target.model.named_parameters()}
+    tuned = {id(p) for p in target.params}
+    log = Log(None, target, 10**9)
+    grad_modes = []  # (grad enabled, loss requires grad) of every training forward (evaluation has no loss)
+
+    def record(module, args, out):
+        if out.loss is not None:
+            grad_modes.append((torch.is_grad_enabled(), out.loss.requires_grad))
+
+    target.model.register_forward_hook(record)
+    OPTIMIZERS[optimizer](target, cfg, log)
+    assert log.used == 24 and len(grad_modes) == 24  # the budget is counted in real forward passes
+    assert not any(enabled or needs for enabled, needs in grad_modes)  # no autograd graph, ever
+    changed = [n for n, p in target.model.named_parameters() if not torch.equal(p, before[n])]
+    lora = [n for n, p in target.model.named_parameters() if id(p) in tuned]
+    assert changed and set(changed) <= set(lora)  # only adapter weights moved
+    assert all("lora_" in n for n in lora)
+    assert all(p.grad is None and not p.requires_grad for p in target.model.parameters())
+
+
+def test_zo_recipe_writes_a_run_directory(tmp_path):
+    import json
+
+    from rich.console import Console
+
+    from vlmfit.train.zo import train_zo
+
+    run = train_zo(_lora_cfg(tmp_path, forward_passes=12, eval_every=6), console=Console(quiet=True))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["forward_passes"] == 12 and summary["target"] == "lora"
+    assert [h["forward_passes"] for h in summary["history"]] == [0, 6, 12]
+    for name in ("config.yaml", "eval_before.json", "eval_after.json", "report.md", "adapter/adapter_config.json", "metrics.jsonl"):
+        assert (run / name).is_file(), name
