@@ -52,7 +52,7 @@ def test_perturbation_regenerates_from_seed_and_restores():
     p = [torch.randn(5, 3), torch.randn(7)]
     orig = [t.clone() for t in p]
     perturb_(p, 123, 0.5, sparsity=0.5)
-    z = noise(p, 123, sparsity=0.5)
+    z = torch.from_numpy(noise(p, 123, sparsity=0.5)).float()
     assert torch.allclose(torch.cat([(a - b).flatten() for a, b in zip(p, orig)]), 0.5 * z)
     assert 0.3 < float((z == 0).float().mean()) < 0.7  # about half the coordinates left out
     perturb_(p, 123, -0.5, sparsity=0.5)
@@ -165,3 +165,49 @@ def test_zo_recipe_writes_a_run_directory(tmp_path):
     assert [h["forward_passes"] for h in summary["history"]] == [0, 6, 12]
     for name in ("config.yaml", "eval_before.json", "eval_after.json", "report.md", "adapter/adapter_config.json", "metrics.jsonl"):
         assert (run / name).is_file(), name
+
+
+# ---- CLIP prompt tuning -------------------------------------------------------------------------------------------
+
+
+def _clip_cfg(tmp_path, **zo):
+    sets = ["model.name=tiny:clip", "model.dtype=float32", "method=zo", "data.source=builtin:mnist-inverted",
+            "data.shots_per_class=16", "data.eval_limit=500", "train.batch_size=160", f"output.dir={tmp_path}"]
+    sets += [f"zo.{k}={v}" for k, v in zo.items()]
+    return load_config(base={"model": {"name": "x"}}, overrides=sets)
+
+
+def test_prompt_text_encoder_matches_clip_on_the_initial_context(tmp_path):
+    from rich.console import Console
+    from transformers import CLIPModel
+
+    from vlmfit.train.zo import make_target
+
+    target = make_target(_clip_cfg(tmp_path), Console(quiet=True))
+    assert target.kind == "prompt" and target.dim == 512 and target.n_train == 160
+    prompts = [f"a photo of a {c}." for c in target.class_names]
+    enc = target.processor.tokenizer(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(target.model.get_text_features(**enc).pooler_output, dim=-1)
+        ours = target.text_features(target.context(target.params[0][None]))[0]
+    assert isinstance(target.model, CLIPModel)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("optimizer", ["sharpzo", "mezo"])
+def test_short_zo_run_on_tiny_clip_beats_zero_shot_and_touches_only_the_prompt(tmp_path, optimizer):
+    from rich.console import Console
+
+    from vlmfit.train.zo import OPTIMIZERS, make_target
+
+    cfg = _clip_cfg(tmp_path, optimizer=optimizer, forward_passes=1500, generations=20, lr=0.01 if optimizer == "sharpzo" else 0.1)
+    target = make_target(cfg, Console(quiet=True))
+    weights = {n: p.detach().clone() for n, p in target.model.named_parameters()}
+    log = Log(None, target, 10**9)
+    zero_shot = log.history[0]["accuracy"]
+    OPTIMIZERS[optimizer](target, cfg, log)
+    tuned = log.history[-1]["accuracy"]
+    assert tuned > zero_shot + 0.05, (zero_shot, tuned)
+    assert all(torch.equal(p, weights[n]) for n, p in target.model.named_parameters())  # the model never changes
+    assert all(p.grad is None and not p.requires_grad for p in target.model.parameters())
+    assert not target.params[0].requires_grad and float(target.params[0].abs().sum()) > 0

@@ -62,12 +62,14 @@ def train_zo(cfg: RunConfig, console: Console | None = None) -> Path:
 
 @dataclass
 class Log:
-    """Forward-pass budget, training clock (evaluation excluded), held-out accuracy every `every` passes."""
+    """Forward-pass budget, training clock (evaluation excluded), held-out accuracy every `every` passes
+    (`track_accuracy=False`: no evaluation at all, e.g. while measuring the training loop's memory)."""
 
     run: RunDir | None
     target: object
     every: int
     console: Console | None = None
+    track_accuracy: bool = True
     used: int = 0
     seconds: float = 0.0
     last_loss: float = math.nan
@@ -88,7 +90,8 @@ class Log:
 
     def _record(self, stage: str | None) -> None:
         self.seconds += time.perf_counter() - self._t0
-        rec = {"step": self.used, "forward_passes": self.used, "accuracy": self.target.accuracy(),
+        rec = {"step": self.used, "forward_passes": self.used,
+               "accuracy": self.target.accuracy() if self.track_accuracy else None,
                "train_seconds": round(self.seconds, 3), **({"stage": stage} if stage else {})}
         if not math.isnan(self.last_loss):
             rec["loss"] = self.last_loss
@@ -120,11 +123,18 @@ def perturb_(params: list[torch.Tensor], seed: int, scale: float, sparsity: floa
         p.add_(z, alpha=scale)
 
 
-def noise(params: list[torch.Tensor], seed: int, sparsity: float = 0.0) -> torch.Tensor:
-    """The z of `perturb_(params, seed, ...)` as one flat vector (used only for small tuned dims: CMA-ES)."""
-    flat = [torch.zeros_like(p) for p in params]
-    perturb_(flat, seed, 1.0, sparsity)
-    return torch.cat([f.flatten() for f in flat])
+def noise(params: list[torch.Tensor], seed: int, sparsity: float = 0.0) -> np.ndarray:
+    """The z of `perturb_(params, seed, ...)` as one flat float64 host vector (for CMA-ES, which lives on the host),
+    built one tensor at a time so that at most one parameter's worth of noise is a device tensor."""
+    g = torch.Generator(device=params[0].device).manual_seed(seed)
+    out = []
+    for p in params:
+        z = torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+        if sparsity:
+            z.mul_(torch.rand(p.shape, generator=g, device=p.device) >= sparsity)
+        out.append(z.double().cpu().numpy().ravel())
+        del z
+    return np.concatenate(out)
 
 
 def projected_gradient(target, batch, seed: int, eps: float, sparsity: float = 0.0) -> tuple[float, float]:
@@ -177,12 +187,12 @@ def sharpzo(target, cfg: RunConfig, log: Log) -> None:
             target.set_flat(es.mean)
             shift = 0.0
             if z.rho > 0:
-                direction = torch.zeros(target.dim, dtype=torch.float64)
+                direction = np.zeros(target.dim)
                 for s in (next(seeds) for _ in range(z.perturbations)):
                     g, _ = projected_gradient(target, batch, s, z.eps)
-                    direction += g * noise(target.params, s).double().cpu()
-                norm = float(direction.norm())
-                shift = (z.rho * direction / norm).numpy() if norm > 0 else 0.0
+                    direction += g * noise(target.params, s)
+                norm = float(np.linalg.norm(direction))
+                shift = z.rho * direction / norm if norm > 0 else 0.0
             X = es.ask()
             losses = target.population_losses(np.asarray(X) + shift, batch)
             es.tell(X, losses.tolist())
@@ -299,11 +309,15 @@ class LoraTarget:
     def dim(self) -> int:
         return sum(p.numel() for p in self.params)
 
+    # flat views go through the host one tensor at a time: no device copy of all adapters at once
     def flat(self) -> np.ndarray:
-        return torch.cat([p.flatten() for p in self.params]).double().cpu().numpy()
+        return np.concatenate([p.detach().double().cpu().numpy().ravel() for p in self.params])
 
     def set_flat(self, x) -> None:
-        torch.nn.utils.vector_to_parameters(torch.as_tensor(np.asarray(x), dtype=self.params[0].dtype, device=self.device), self.params)
+        x, i = np.asarray(x), 0
+        for p in self.params:
+            p.copy_(torch.from_numpy(x[i:i + p.numel()]).view(p.shape))
+            i += p.numel()
 
     def batches(self, batch_size: int, seed: int):
         g = np.random.default_rng(seed)
