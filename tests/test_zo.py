@@ -171,8 +171,8 @@ def test_zo_recipe_writes_a_run_directory(tmp_path):
 
 
 def _clip_cfg(tmp_path, **zo):
-    sets = ["model.name=tiny:clip", "model.dtype=float32", "method=zo", "data.source=builtin:mnist-inverted",
-            "data.shots_per_class=16", "data.eval_limit=500", "train.batch_size=160", f"output.dir={tmp_path}"]
+    sets = ["model.name=tiny:clip", "model.dtype=float32", "method=zo", "data.source=builtin:mnist-noisy",
+            "data.shots_per_class=16", "data.eval_limit=500", "train.batch_size=160", "zo.n_ctx=16", f"output.dir={tmp_path}"]
     sets += [f"zo.{k}={v}" for k, v in zo.items()]
     return load_config(base={"model": {"name": "x"}}, overrides=sets)
 
@@ -185,7 +185,8 @@ def test_prompt_text_encoder_matches_clip_on_the_initial_context(tmp_path):
 
     target = make_target(_clip_cfg(tmp_path), Console(quiet=True))
     assert target.kind == "prompt" and target.dim == 512 and target.n_train == 160
-    prompts = [f"a photo of a {c}." for c in target.class_names]
+    assert target.ctx_init.endswith("a photo of a") and target.n_ctx == 16  # 12 "X" placeholders in front
+    prompts = [f"{target.ctx_init} {c}." for c in target.class_names]
     enc = target.processor.tokenizer(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
         ref = torch.nn.functional.normalize(target.model.get_text_features(**enc).pooler_output, dim=-1)
@@ -211,3 +212,32 @@ def test_short_zo_run_on_tiny_clip_beats_zero_shot_and_touches_only_the_prompt(t
     assert all(torch.equal(p, weights[n]) for n, p in target.model.named_parameters())  # the model never changes
     assert all(p.grad is None and not p.requires_grad for p in target.model.parameters())
     assert not target.params[0].requires_grad and float(target.params[0].abs().sum()) > 0
+
+
+def _vlmfit(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "vlmfit.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_zo_clip_recipe_writes_the_prompt(tmp_path):
+    import json
+
+    res = _vlmfit("train", "zo-clip", "--set", f"output.dir={tmp_path}", "--set", "output.name=zo", "--set", "zo.forward_passes=300",
+                  "--set", "zo.generations=5", "--set", "zo.eval_every=150", "--set", "data.eval_limit=200")
+    assert res.returncode == 0, res.stdout + res.stderr
+    run = tmp_path / "zo"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["target"] == "prompt" and summary["forward_passes"] == 300
+    assert [h["forward_passes"] for h in summary["history"]] == [0, 168, 300]  # first generation boundary past 150 (42 passes each), then the end
+    from safetensors.torch import load_file
+
+    assert load_file(str(run / "prompt.safetensors"))["context"].shape == (4, 64)
+    assert "accuracy" in (run / "report.md").read_text()
+
+
+def test_cli_zo_wrong_target_is_a_clear_error(tmp_path):
+    res = _vlmfit("train", "zo-lora", "--set", "zo.target=prompt", "--set", f"output.dir={tmp_path}")
+    assert res.returncode == 2
+    assert "zo.target" in res.stderr + res.stdout and "Traceback" not in res.stderr

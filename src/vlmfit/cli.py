@@ -147,7 +147,10 @@ def plan(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe; or o
 @app.command()
 def models():
     """List the tiny offline models (use them as model.name: tiny:<family>)."""
-    from vlmfit.models.tiny import TINY_FAMILIES, describe_tiny
+    import json
+
+    from vlmfit.models.tiny import TINY_FAMILIES, _cache_root, describe_tiny
+    from vlmfit.models.tiny_clip import CLIP_NAME
 
     table = Table(title="tiny offline models (random init, real transformers classes and processors)")
     for col in ("model.name", "class", "processor", "params", "note"):
@@ -155,6 +158,10 @@ def models():
     for fam in TINY_FAMILIES:
         d = describe_tiny(fam)
         table.add_row(f"tiny:{fam}", d.get("model_class", ""), d.get("processor_class", ""), f"{d.get('params', 0):,}", d.get("note", ""))
+    card = _cache_root(None) / CLIP_NAME / "clip_card.json"
+    params = f"{json.loads(card.read_text())['params']:,}" if card.is_file() else "(built on first use, ~2 min)"
+    table.add_row("tiny:clip", "CLIPModel", "CLIPProcessor", params,
+                  "dual encoder pretrained on upright digits: prompt tuning (method zo)")
     console.print(table)
 
 

@@ -108,6 +108,8 @@ class ZoConfig(_Section):
     perturbations: int = Field(1, ge=1, description="random directions per gradient estimate (q)")
     # prompt target (CLIP)
     ctx_init: str = Field("a photo of a", description="words whose embeddings initialise the context vectors")
+    n_ctx: int | None = Field(None, ge=1, description="context vectors; more than ctx_init has words: the extra ones "
+                              "start as the embedding of 'X' (CoOp's placeholder) in front of ctx_init")
     intrinsic_dim: int | None = Field(512, ge=1, description="tune w in R^d mapped by a fixed random matrix to the "
                                       "context vectors; null: tune the context vectors directly")
     # SharpZO stage 1: CMA-ES scored at a sharpness-aware worst case

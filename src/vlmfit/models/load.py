@@ -25,14 +25,19 @@ def resolve_reference(name: str) -> str:
         from vlmfit.models.tiny import TINY_FAMILIES, tiny_path
 
         fam = name.split(":", 1)[1]
+        if fam == "clip":  # a dual encoder (CLIPModel) for zero-shot / prompt tuning, not a chat VLM
+            from vlmfit.models.tiny_clip import tiny_clip_path
+
+            return str(tiny_clip_path())
         if fam not in TINY_FAMILIES:
             from vlmfit.errors import nearest
 
-            near = nearest(fam, TINY_FAMILIES)
+            near = nearest(fam, (*TINY_FAMILIES, "clip"))
             raise UserError(
                 f"no tiny model '{name}'",
                 where="model.name",
-                hint=(f"did you mean 'tiny:{near}'? " if near else "") + "see `vlmfit models` for the list",
+                hint=(f"did you mean 'tiny:{near}'? " if near else "")
+                + "see `vlmfit models` for the list; tiny:clip is the tiny CLIP dual encoder",
             )
         return str(tiny_path(fam))
     p = Path(name).expanduser()

@@ -18,13 +18,17 @@ class PromptTarget:
     kind, label_method = "prompt", "class prompts (CLIP contrastive logits)"
 
     def __init__(self, model, processor, class_names: list[str], ctx_init: str, intrinsic_dim: int | None,
-                 sigma: float = 0.4, seed: int = 0):
+                 sigma: float = 0.4, seed: int = 0, n_ctx: int | None = None):
         self.model, self.processor, self.class_names = model.eval(), processor, list(class_names)
         self.ctx_init = ctx_init
         for p in model.parameters():
             p.requires_grad_(False)
         self.device = next(model.parameters()).device
         tok = processor.tokenizer
+        extra = (n_ctx or 0) - len(tok(ctx_init, add_special_tokens=False)["input_ids"])
+        if extra > 0:
+            ctx_init = " ".join(["X"] * extra + [ctx_init])
+        self.ctx_init = ctx_init
         prompts = [f"{ctx_init} {name}." for name in self.class_names]
         ids = tok(prompts, padding=True, return_tensors="pt")["input_ids"].to(self.device)
         init = tok(ctx_init, add_special_tokens=False)["input_ids"]

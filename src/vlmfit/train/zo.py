@@ -275,7 +275,8 @@ def clip_prompt(ref: str, cfg: RunConfig, train_ds, test_ds, labels: list[str]):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = CLIPModel.from_pretrained(ref, revision=cfg.model.revision, dtype=pick_dtype(cfg.model.dtype)).to(device)
     processor = AutoProcessor.from_pretrained(ref, revision=cfg.model.revision)
-    target = PromptTarget(model, processor, labels, cfg.zo.ctx_init, cfg.zo.intrinsic_dim, cfg.zo.sigma, cfg.train.seed)
+    target = PromptTarget(model, processor, labels, cfg.zo.ctx_init, cfg.zo.intrinsic_dim, cfg.zo.sigma, cfg.train.seed,
+                          cfg.zo.n_ctx)
     target.cache_images("train", [ex[0] for ex in train_ds["images"]], list(train_ds["label"]), cfg.eval.batch_size)
     target.cache_images("test", [ex[0] for ex in test_ds["images"]], list(test_ds["label"]), cfg.eval.batch_size)
     return target
