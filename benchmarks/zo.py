@@ -98,6 +98,7 @@ def measure_memory(args) -> dict:
                     img = torch.nn.functional.normalize(target.model.get_image_features(pixel_values=px).pooler_output, dim=-1)
                     text = target.text_features(target.context(target.params[0][None]))
                     logits = torch.einsum("pce,ne->pnc", text, img)
+                    assert logits.shape[-1] == len(target.class_names)
                     del px, img, text, logits
             else:
                 target.cache_images("train", images, feats_train[1].tolist(), batch_size=len(images))
@@ -114,7 +115,6 @@ def measure_memory_lora(args) -> dict:
     """The same for a generative VLM (tiny:qwen2_vl, LoRA r=16 on the language model, one batch of 16 digits):
     an inference forward, MeZO and SharpZO steps on LoRA, and a backprop LoRA step (AdamW) for comparison."""
     from vlmfit.memory.measure import make_optimizer, measure_steps
-    from vlmfit.train.sft import apply_method
 
     out = {}
     for what in ("inference", "mezo", "sharpzo", "backprop (LoRA SFT step, AdamW)"):

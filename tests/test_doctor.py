@@ -64,3 +64,19 @@ def test_gemma4_hyperparameter_warning():
     rep = run_doctor(load_config(base={"model": {"name": "tiny:gemma4"}, "method": "lora"}, overrides=["lora.scope=[vision]"]), samples=1)
     warns = [c.detail for c in rep.checks if c.name == "hyperparameters"]
     assert warns and "max_grad_norm: 0.1" in warns[0]
+
+
+def test_targets_check_follows_what_actually_trains():
+    # qlora and LoRA-tuned DPO adapt the resolved targets; full DPO trains everything
+    for sets, expect in ((["method=qlora"], "lora targets"), (["method=dpo", "dpo.tuning=lora"], "lora targets"),
+                         (["method=dpo", "dpo.tuning=full"], "trainable")):
+        rep = Report()
+        cfg = load_config("recipes/digits-lora.yaml", sets)
+        from vlmfit.doctor import _check_targets
+        from vlmfit.models.load import family_for, load_processor, resolve_reference
+
+        ref = resolve_reference(cfg.model.name)
+        model = meta_model(ref, None)
+        _check_targets(rep, model, family_for(model.config.model_type, load_processor(ref), cfg.model.name), cfg)
+        names = {c.name for c in rep.checks}
+        assert expect in names, (sets, names)

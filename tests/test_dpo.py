@@ -19,7 +19,8 @@ from vlmfit.models.load import load
 from vlmfit.models.tiny import TINY_FAMILIES
 from vlmfit.report import RunDir
 from vlmfit.train.collate import VisionChatCollator
-from vlmfit.train.dpo import PreferenceCollator, load_pairs, load_start, make_trainer, train_dpo
+from vlmfit.train.collate import PreferenceCollator
+from vlmfit.train.dpo import load_pairs, load_start, make_trainer, train_dpo
 from vlmfit.train.sft import apply_length_policy, train_sft
 
 from helpers import digit_image

@@ -10,7 +10,7 @@ from rich.console import Console
 from vlmfit.config import load_config
 from vlmfit.models.load import load
 from vlmfit.train.collate import VisionChatCollator
-from vlmfit.train.sft import apply_method, enable_checkpointing, train_sft
+from vlmfit.train.sft import enable_checkpointing, train_sft
 
 from helpers import digit_image
 from vlmfit.data.schema import chat_example

@@ -241,3 +241,8 @@ def test_cli_zo_wrong_target_is_a_clear_error(tmp_path):
     res = _vlmfit("train", "zo-lora", "--set", "zo.target=prompt", "--set", f"output.dir={tmp_path}")
     assert res.returncode == 2
     assert "zo.target" in res.stderr + res.stdout and "Traceback" not in res.stderr
+
+
+def test_clip_in_a_chat_command_is_a_clear_error(tmp_path):
+    res = _vlmfit("doctor", "zo-clip")
+    assert res.returncode == 2 and "CLIP dual encoder" in res.stderr + res.stdout and "Traceback" not in res.stderr

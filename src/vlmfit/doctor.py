@@ -56,11 +56,12 @@ def meta_model(ref: str, revision: str | None = None):
 
 
 def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
-    from vlmfit.models.load import family_for, load_processor, resolve_reference
+    from vlmfit.models.load import family_for, load_processor, require_chat_vlm, resolve_reference
     from vlmfit.train.sft import LABEL_METHODS, load_splits
 
     rep = Report()
     ref = resolve_reference(cfg.model.name)
+    require_chat_vlm(ref, cfg.model.revision, cfg.model.name)
     processor = load_processor(ref, cfg.model.revision)
     model = meta_model(ref, cfg.model.revision)
     family = family_for(model.config.model_type, processor, cfg.model.name)
@@ -143,8 +144,10 @@ def _check_examples(rep: Report, coll: VisionChatCollator, config, family: Famil
 
 
 def _check_targets(rep: Report, model, family: Family, cfg: RunConfig) -> None:
-    if cfg.method != "lora":
-        rep.add("trainable", "ok", f"method {cfg.method}: every parameter trains")
+    uses_lora = cfg.method in ("lora", "qlora", "zo") or (cfg.method == "dpo" and cfg.dpo.tuning == "lora")
+    if not uses_lora:
+        rep.add("trainable", "ok", f"method {cfg.method}" + (" (dpo.tuning full)" if cfg.method == "dpo" else "")
+                + ": every parameter trains")
         return
     from vlmfit.models.targets import resolve_lora_targets
 

@@ -69,7 +69,15 @@ BUILTIN = {
 
 
 def load_builtin(name: str):
-    """A DatasetDict with 'train' and 'test' splits for `builtin:<name>`."""
+    """A DatasetDict with 'train' and 'test' splits for `builtin:<name>`. Built once per process (a few seconds):
+    the splits are immutable datasets, and each call gets its own dict around them."""
+    import datasets
+
+    return datasets.DatasetDict(_built(name))
+
+
+@functools.lru_cache(maxsize=4)
+def _built(name: str):
     if name not in BUILTIN:
         near = nearest(name, BUILTIN)
         raise UserError(

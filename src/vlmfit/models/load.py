@@ -152,9 +152,20 @@ def family_for(model_type: str, processor, name: str) -> Family:
     )
 
 
+def require_chat_vlm(ref: str, revision: str | None, name: str) -> None:
+    """Dual encoders (CLIP) have no chat, labels or generation: they train only by prompt tuning (method zo)."""
+    from transformers import AutoConfig
+
+    if AutoConfig.from_pretrained(ref, revision=revision).model_type == "clip":
+        raise UserError(f"'{name}' is a CLIP dual encoder, not a chat VLM: it has no chat template, labels or generation",
+                        where="model.name", hint="train it with method: zo (prompt tuning, e.g. recipes/zo-clip.yaml); "
+                        "SFT, DPO, doctor and eval need a generative VLM")
+
+
 def load(name: str, dtype: str = "auto", revision: str | None = None, model_cfg=None, quantization: str = "none") -> Loaded:
     """Model + processor + family. `model_cfg` (the recipe's model section) adds resolution caps and quantization."""
     ref = resolve_reference(name)
+    require_chat_vlm(ref, revision, name)
     processor = load_processor(ref, revision, model_cfg)
     quant = quantization if model_cfg is None or quantization != "none" else model_cfg.quantization
     model = load_model(ref, dtype, revision, quant, model_cfg.double_quant if model_cfg is not None else True)

@@ -228,3 +228,71 @@ class VisionChatCollator:
 def prompt_and_answer(messages: list[dict]) -> tuple[list[dict], dict]:
     prompt = prompt_of(messages)
     return prompt, messages[len(prompt)]
+
+
+class PreferenceCollator:
+    """Preference pairs -> the batch TRL's DPOTrainer takes: rows [prompt+chosen..., prompt+rejected...] with a
+    `completion_mask` on each pair's reply, built by VisionChatCollator from whole conversations.
+
+    Why not TRL's DataCollatorForVisionPreference: it gives the same model inputs for the chat families, but cuts at
+    max_length with a plain slice (an image cut there fails mid-run or is dropped silently: trl#5283, trl#5285), needs
+    a chat template (no PaliGemma) and tokenizes prompt and reply apart. Here truncation is VisionChatCollator's
+    (inside text only, else a UserError), and the evaluation scores exactly the batches that are trained on.
+    """
+
+    def __init__(self, chat: VisionChatCollator):
+        self.chat = chat
+
+    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        examples = [self._conversation(p, "chosen") for p in pairs] + [self._conversation(p, "rejected") for p in pairs]
+        batch = self.chat(examples)
+        # Assistant turns inside the prompt are labelled too; the reply starts after as many labelled spans.
+        skip = [sum(m["role"] == "assistant" for m in p["prompt"]) for p in pairs] * 2
+        batch["completion_mask"] = reply_mask(batch.pop("labels") != IGNORE_INDEX, skip).long()
+        if not batch["completion_mask"].any(1).all():
+            raise UserError("a pair has no reply tokens left after truncation", where="train.max_length",
+                            hint="raise train.max_length or set train.overlong: drop")
+        if any(ex["images"] for ex in examples):
+            missing = [k for k in self.chat.family.required_inputs if k not in batch]
+            if missing:  # the model would run without them: wrong attention or no image at all, and no error
+                raise UserError(f"the {self.chat.family.name} processor gave no {', '.join(missing)} for a batch with images",
+                                where="model.name", hint="check the processor version against vlmfit.models.families")
+        return batch
+
+    @staticmethod
+    def _conversation(pair: dict, side: str) -> dict:
+        ex = {"messages": list(pair["prompt"]) + list(pair[side]), "images": list(pair.get("images") or [])}
+        if pair.get("source_row") is not None:
+            ex["_row"] = pair["source_row"]  # errors then name the row of the user's file
+        return ex
+
+    def measure(self, pairs: list[dict], batch_size: int = 32) -> list[dict]:
+        """Per pair, untruncated: the length of its longer sequence, the position just after its last image token and
+        the position of its first reply token: what the max_length policy checks before training starts."""
+        saved, self.chat.max_length = self.chat.max_length, None
+        out = []
+        try:
+            for i in range(0, len(pairs), batch_size):
+                chunk = pairs[i : i + batch_size]
+                batch, n = self(chunk), len(chunk)
+                lengths = batch["attention_mask"].sum(1).tolist()
+                media = np.isin(batch["input_ids"].numpy(), list(self.chat.media_ids))
+                reply = batch["completion_mask"].bool().numpy()
+                for r in range(n):
+                    m = np.flatnonzero(media[r])
+                    out.append({"length": int(max(lengths[r], lengths[r + n])), "media_end": int(m[-1]) + 1 if len(m) else 0,
+                                "first_trained": int(min(np.flatnonzero(reply[j])[0] for j in (r, r + n)))})
+        finally:
+            self.chat.max_length = saved
+        return out
+
+
+def reply_mask(trained: torch.Tensor, skip: list[int]) -> torch.Tensor:
+    """`trained` without the first `skip[r]` contiguous labelled spans of each row r."""
+    out = trained.clone()
+    for r, k in enumerate(skip):
+        if k:
+            row = trained[r].numpy()
+            starts = np.flatnonzero(row & ~np.r_[False, row[:-1]])
+            out[r, : int(starts[k]) if len(starts) > k else len(row)] = False
+    return out

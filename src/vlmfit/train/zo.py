@@ -35,7 +35,7 @@ def train_zo(cfg: RunConfig, console: Console | None = None) -> Path:
     before = target.evaluate()
     run.write_json("eval_before.json", before)
     console.print(f"accuracy before training: {100 * before['constrained']['accuracy']:.1f}%")
-    log = Log(run, target, cfg.zo.eval_every, console)
+    log = Log(run, target, cfg.zo.eval_every, console, known_accuracy=before["constrained"]["accuracy"])
     with console.status("forward-only training" if cfg.zo.optimizer != "coop" else "CoOp (backprop) training"):
         OPTIMIZERS[cfg.zo.optimizer](target, cfg, log)
     after = target.evaluate()
@@ -70,6 +70,7 @@ class Log:
     every: int
     console: Console | None = None
     track_accuracy: bool = True
+    known_accuracy: float | None = None  # of the starting parameters, when already evaluated (not evaluated again)
     used: int = 0
     seconds: float = 0.0
     last_loss: float = math.nan
@@ -90,8 +91,11 @@ class Log:
 
     def _record(self, stage: str | None) -> None:
         self.seconds += time.perf_counter() - self._t0
-        rec = {"step": self.used, "forward_passes": self.used,
-               "accuracy": self.target.accuracy() if self.track_accuracy else None,
+        if self.known_accuracy is not None:
+            acc, self.known_accuracy = self.known_accuracy, None
+        else:
+            acc = self.target.accuracy() if self.track_accuracy else None
+        rec = {"step": self.used, "forward_passes": self.used, "accuracy": acc,
                "train_seconds": round(self.seconds, 3), **({"stage": stage} if stage else {})}
         if not math.isnan(self.last_loss):
             rec["loss"] = self.last_loss
