@@ -40,13 +40,13 @@ QUIET = Console(quiet=True)
 datasets.disable_progress_bars()
 transformers.utils.logging.disable_progress_bar()
 
-GRID = {"mezo": [0.03, 0.1, 0.3], "sharpzo": [0.03, 0.1, 0.3], "coop": [0.02, 0.2]}
+GRID = {"mezo": [0.1, 0.3, 1.0], "sharpzo": [0.1, 0.3, 1.0], "coop": [0.02, 0.2]}
 
 
 def recipe(args, optimizer: str, seed: int, lr: float, budget: int, eval_every: int):
     base = {
         "model": {"name": args.model, "dtype": "float32"},
-        "data": {"source": args.source, "shots_per_class": args.shots},
+        "data": {"source": args.source, "shots_per_class": args.shots, "split_seed": seed},  # a new few-shot draw per seed
         "method": "zo",
         "zo": {"optimizer": optimizer, "forward_passes": budget, "lr": lr, "eval_every": eval_every,
                "generations": args.generations, "n_ctx": args.n_ctx},
@@ -72,6 +72,11 @@ def run_one(args, optimizer: str, seed: int, lr: float) -> dict:
             "zero_shot": log.history[0]["accuracy"], "history": log.history, "outliers": log.outliers}
 
 
+def at(history: list[dict], passes: int) -> float:
+    """Accuracy of the last evaluation at or before `passes` forward passes."""
+    return [h for h in history if h["forward_passes"] <= passes][-1]["accuracy"]
+
+
 def reach(history: list[dict], target: float):
     for h in history:
         if h["accuracy"] >= target:
@@ -80,11 +85,15 @@ def reach(history: list[dict], target: float):
 
 
 def measure_memory(args) -> dict:
-    """Live tensor bytes above the weights (TensorMemory, CPU): an inference forward of the few-shot batch (image
-    tower + text tower + logits), zo training (feature caching + optimizer loop) and CoOp (backprop)."""
+    """Live tensor bytes above the weights (TensorMemory, CPU). `whole`: an inference forward of the few-shot batch
+    (image tower + text tower + logits) against a whole training run (feature caching + optimizer loop). `loop`:
+    with the image features already cached, one loss evaluation without grad against the optimizer loop alone."""
     out = {}
-    for what in ("inference", "sharpzo", "mezo", "coop"):
-        cfg = recipe(args, what if what != "inference" else "mezo", 0, 1e-2, args.memory_budget, 10**9)
+    for what in ("inference", "sharpzo", "sharpzo (population_batch 8)", "mezo", "coop"):
+        opt = what.split(" ")[0] if what != "inference" else "mezo"
+        cfg = recipe(args, opt, 0, 1e-2, args.memory_budget, 10**9)
+        if "population_batch" in what:
+            cfg = cfg.model_copy(update={"zo": cfg.zo.model_copy(update={"population_batch": 8})})
         target = make_target(cfg, QUIET)
         images = [ex[0] for ex in _train_images(cfg)]
         feats_train = target.features.pop("train")
@@ -102,12 +111,23 @@ def measure_memory(args) -> dict:
                     del px, img, text, logits
             else:
                 target.cache_images("train", images, feats_train[1].tolist(), batch_size=len(images))
-                OPTIMIZERS[what](target, cfg, Log(None, target, 10**9, track_accuracy=False))
-            out[what] = {"peak_above_weights": tm.peak - base, "weights_and_cache": base}
+                OPTIMIZERS[opt](target, cfg, Log(None, target, 10**9, track_accuracy=False))
+            out[what] = {"whole": tm.peak - base}
+        target.features["train"] = target.features.get("train", feats_train)
+        gc.collect()
+        tm = TensorMemory("cpu")
+        with tm:
+            base = tm.register_existing()
+            if what == "inference":
+                with torch.no_grad():
+                    target.loss(None)
+            else:
+                OPTIMIZERS[opt](target, cfg, Log(None, target, 10**9, track_accuracy=False))
+            out[what]["loop"] = tm.peak - base
         del target
-    inf = out["inference"]["peak_above_weights"]
-    for k in out:
-        out[k]["ratio_to_inference"] = out[k]["peak_above_weights"] / inf
+    for k in list(out):  # both against the inference forward of the batch (image tower + text tower + logits)
+        for part in ("whole", "loop"):
+            out[k][f"{part}_ratio"] = out[k][part] / out["inference"]["whole"]
     return out
 
 
@@ -171,7 +191,12 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--memory-budget", type=int, default=400, help="forward passes of the memory runs")
     ap.add_argument("--out", default="/tmp/vlmfit-bench-zo")
+    ap.add_argument("--tables", metavar="RESULTS_JSON", help="only print the tables of an earlier run")
     args = ap.parse_args()
+    if args.tables:
+        r = json.loads(Path(args.tables).read_text())
+        print_tables(r, [int(s) for s in r["args"]["seeds"].split(",")])
+        return
     seeds = [int(s) for s in args.seeds.split(",")]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -213,9 +238,15 @@ def print_tables(r: dict, seeds: list[int]) -> None:
     for opt in ("mezo", "sharpzo", "coop"):
         xs = chosen[opt]
         hits = [reach(x["history"], mezo_final) for x in xs]
+        n_hit = sum(h[0] is not None for h in hits)
         print(f"| {opt} | {xs[0]['lr']:g} | {100 * med(x['accuracy'] for x in xs):.1f}% | "
-              f"{100 * (med(x['accuracy'] for x in xs) - zero):+.1f} pts | {med(h[0] for h in hits)} | {med(h[1] for h in hits)} | "
-              f"{med(x['train_seconds'] for x in xs)} |")
+              f"{100 * (med(x['accuracy'] for x in xs) - zero):+.1f} pts | {med(h[0] for h in hits)} ({n_hit}/{len(hits)} runs) | "
+              f"{med(h[1] for h in hits)} | {med(x['train_seconds'] for x in xs)} |")
+    marks = [m for m in (500, 1000, 2000, 3000, 4000, a["budget"]) if m <= a["budget"]]
+    print("\nTest accuracy at equal forward passes (median over seeds; chosen lr):\n")
+    print("| method | " + " | ".join(f"{m:,}" for m in marks) + " |\n|---|" + "---:|" * len(marks))
+    for opt in ("mezo", "sharpzo", "coop"):
+        print(f"| {opt} | " + " | ".join(f"{100 * med(at(x['history'], m) for x in chosen[opt]):.1f}%" for m in marks) + " |")
     print("\nEvery run (final test accuracy, final few-shot training loss):\n")
     print("| method | lr | " + " | ".join(f"seed {s}" for s in seeds) + " |\n|---|---:|" + "---:|" * len(seeds))
     for opt, lrs in GRID.items():
@@ -224,9 +255,10 @@ def print_tables(r: dict, seeds: list[int]) -> None:
             print(f"| {opt} | {lr:g} | " + " | ".join(f"{100 * xs[s]['accuracy']:.1f}% ({xs[s]['train_loss']:.3f})" for s in seeds) + " |")
     m = r["memory"]
     print(f"\n### Peak memory above the weights (live tensor bytes, CPU; {a['memory_budget']} forward passes per run)\n")
-    print("| run | peak above weights | ratio to an inference forward of the same batch |\n|---|---:|---:|")
+    print("| run | whole run: peak | ratio to an inference forward of the batch | optimizer loop alone (features cached): "
+          "peak | ratio to the same inference forward |\n|---|---:|---:|---:|---:|")
     for k, v in m.items():
-        print(f"| {k} | {v['peak_above_weights'] / 2**20:.2f} MiB | {v['ratio_to_inference']:.2f}x |")
+        print(f"| {k} | {v['whole'] / 2**20:.2f} MiB | {v['whole_ratio']:.2f}x | {v['loop'] / 2**20:.3f} MiB | {v['loop_ratio']:.2f}x |")
     print("\nGenerative VLM, tiny:qwen2_vl + LoRA r=16 (language), one batch of 16 digits:\n")
     print("| run | peak above weights | ratio to an inference forward of the same batch |\n|---|---:|---:|")
     for k, v in r["memory_lora"].items():

@@ -36,7 +36,7 @@ class Toy:
     def loss(self, batch):
         return float(self.f(self.params[0][None])[0])
 
-    def population_losses(self, X, batch):
+    def population_losses(self, X, batch, chunk=None):
         return self.f(torch.as_tensor(np.asarray(X))).numpy()
 
     def accuracy(self):
@@ -246,3 +246,19 @@ def test_cli_zo_wrong_target_is_a_clear_error(tmp_path):
 def test_clip_in_a_chat_command_is_a_clear_error(tmp_path):
     res = _vlmfit("doctor", "zo-clip")
     assert res.returncode == 2 and "CLIP dual encoder" in res.stderr + res.stdout and "Traceback" not in res.stderr
+
+
+def test_few_shot_draw_is_per_class_and_seeded():
+    from collections import Counter
+
+    from vlmfit.data.builtin import load_builtin
+    from vlmfit.errors import UserError
+    from vlmfit.train.sft import few_shot
+
+    train = load_builtin("mnist")["train"]
+    a, b, a2 = few_shot(train, 4, 0), few_shot(train, 4, 1), few_shot(train, 4, 0)
+    assert Counter(a["label"]) == {c: 4 for c in range(10)}
+    assert a["label"] == a2["label"] and a["images"][0][0].tobytes() == a2["images"][0][0].tobytes()
+    assert [im[0].tobytes() for im in a["images"]] != [im[0].tobytes() for im in b["images"]]
+    with pytest.raises(UserError, match="shots_per_class"):
+        few_shot(train.select(range(30)), 20)

@@ -48,15 +48,15 @@ class DataConfig(_Section):
     system: str | None = None
     val_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.1, ge=0, lt=1)
-    split_seed: int = 0
+    split_seed: int = Field(0, description="seed of the train/validation/test split and of the few-shot draw")
     strict: bool = Field(False, description="fail on the first bad row instead of skipping and reporting it")
     max_image_pixels: int = Field(64_000_000, ge=1)
     video_fps: float | None = Field(2.0, gt=0)
     video_max_frames: int | None = Field(16, ge=1)
     frames_per_example: int | None = Field(None, ge=1, description="split each video into examples of this many frames (as images)")
     train_limit: int | None = Field(None, ge=1, description="use at most this many training examples")
-    shots_per_class: int | None = Field(None, ge=1, description="few-shot: keep the first k training examples of each "
-                                        "class, in the (seeded, shuffled) training order")
+    shots_per_class: int | None = Field(None, ge=1, description="few-shot: keep k training examples of each class, "
+                                        "drawn with data.split_seed")
     eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many test examples")
 
 
@@ -117,6 +117,8 @@ class ZoConfig(_Section):
     popsize: int = Field(40, ge=2)
     sigma: float = Field(0.4, gt=0, description="CMA-ES initial step size")
     rho: float = Field(0.1, ge=0, description="radius of the worst-case perturbation (0 = plain CMA-ES)")
+    population_batch: int | None = Field(None, ge=1, description="prompt target: candidates scored per text-encoder "
+                                         "forward (null: the whole population at once; lower it to cap memory)")
     # SharpZO stage 2: sparse ZO with normalised estimates and outlier filtering
     sparsity: float = Field(0.5, ge=0, lt=1, description="share of coordinates left out of each perturbation")
     outlier_threshold: float = Field(3.0, gt=0, description="skip estimates larger than this many running RMS")

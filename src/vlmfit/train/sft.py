@@ -87,7 +87,7 @@ def load_splits(cfg: RunConfig):
                         where="data.task", hint="use task classification / vqa / caption / chat for method full or lora")
     train_ds, test_ds = data["train"], data["test"]
     if cfg.data.shots_per_class:
-        train_ds = few_shot(train_ds, cfg.data.shots_per_class)
+        train_ds = few_shot(train_ds, cfg.data.shots_per_class, cfg.data.split_seed)
     if cfg.data.train_limit:
         train_ds = train_ds.select(range(min(cfg.data.train_limit, len(train_ds))))
     if cfg.data.eval_limit:
@@ -97,13 +97,17 @@ def load_splits(cfg: RunConfig):
     return train_ds, test_ds, labels
 
 
-def few_shot(train_ds, k: int):
-    """The first k examples of each class, in the (shuffled) training order."""
+def few_shot(train_ds, k: int, seed: int = 0):
+    """k examples of each class, drawn with `seed` (in training order)."""
     if "label" not in train_ds.column_names:
         raise UserError("data.shots_per_class needs a classification dataset (a 'label' column)", where="data.shots_per_class")
+    import numpy as np
+
+    labels = list(train_ds["label"])
     seen: dict[int, int] = {}
     keep = []
-    for i, lab in enumerate(train_ds["label"]):
+    for i in np.random.default_rng(seed).permutation(len(labels)).tolist():
+        lab = labels[i]
         if seen.get(lab, 0) < k:
             seen[lab] = seen.get(lab, 0) + 1
             keep.append(i)
@@ -111,7 +115,7 @@ def few_shot(train_ds, k: int):
     if short:
         raise UserError(f"{len(short)} classes have fewer than {k} training examples (e.g. class {next(iter(short))}: "
                         f"{next(iter(short.values()))})", where="data.shots_per_class", hint="lower data.shots_per_class")
-    return train_ds.select(keep)
+    return train_ds.select(sorted(keep))
 
 
 LABEL_METHODS = {
@@ -140,7 +144,7 @@ def apply_length_policy(train_ds, collator: VisionChatCollator, cfg: RunConfig, 
         console.print(f"[yellow]dropped {len(over)} of {len(train_ds)} examples longer than max_length={limit}[/]")
         if not keep:
             raise UserError(f"every training example is longer than max_length={limit}", where="train.max_length")
-        return train_ds.select(keep), report
+        return train_ds.select(sorted(keep)), report
     bad = [i for i in over if stats[i]["media_end"] > limit]
     if bad:
         raise UserError(

@@ -198,7 +198,7 @@ def sharpzo(target, cfg: RunConfig, log: Log) -> None:
                 norm = float(np.linalg.norm(direction))
                 shift = z.rho * direction / norm if norm > 0 else 0.0
             X = es.ask()
-            losses = target.population_losses(np.asarray(X) + shift, batch)
+            losses = target.population_losses(np.asarray(X) + shift, batch, z.population_batch)
             es.tell(X, losses.tolist())
             target.set_flat(es.mean)
             log.spend(per_gen, float(np.mean(losses)), "cma-es")
@@ -337,7 +337,8 @@ class LoraTarget:
         return float(self.model(**batch, use_cache=False).loss)
 
     @torch.no_grad()
-    def population_losses(self, X, batch) -> np.ndarray:
+    def population_losses(self, X, batch, chunk: int | None = None) -> np.ndarray:
+        """One candidate per forward (adapters cannot be batched as prompts can): `chunk` does not apply."""
         keep = self.flat()
         out = []
         for x in np.asarray(X):
