@@ -80,3 +80,16 @@ def test_mnist_inverted_is_mnist_with_inverted_pixels(mnist):
             assert down.shape == up.shape == (28, 28, 3)
             np.testing.assert_array_equal(down.astype(int), 255 - up.astype(int))
             assert inverted[split][i]["messages"] == mnist[split][i]["messages"]
+
+
+def test_mnist_noisy_is_mnist_with_seeded_pixel_noise(mnist, loaded):
+    noisy = load_builtin("mnist-noisy")
+    test = noisy["test"]
+    assert test["label"] == mnist["test"]["label"]
+    clean, dirty = np.asarray(mnist["test"][0]["images"][0]).astype(int), np.asarray(test[0]["images"][0]).astype(int)
+    assert 20 < np.abs(clean - dirty).mean() < 60  # sd 80 clipped to 0..255: ~80/sqrt(2 pi) = 32 on black
+    # the shift the prompt-tuning benchmark relies on: clearly harder zero-shot than upright digits
+    model, processor = loaded
+    acc = tiny_clip.zero_shot_accuracy(model, processor, [r[0] for r in test["images"]], test["label"],
+                                       tiny_clip.DIGIT_WORDS, tiny_clip.PHOTO_PROMPT)
+    assert acc < 0.5
