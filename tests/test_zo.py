@@ -235,6 +235,12 @@ def test_cli_zo_clip_recipe_writes_the_prompt(tmp_path):
 
     assert load_file(str(run / "prompt.safetensors"))["context"].shape == (4, 64)
     assert "accuracy" in (run / "report.md").read_text()
+    # `vlmfit eval` on the run directory scores the saved context vectors: the accuracy the run ended with
+    res = _vlmfit("eval", str(run))
+    assert res.returncode == 0, res.stdout + res.stderr
+    written = sorted(run.glob("eval_2*.json"))[-1]
+    after = json.loads((run / "eval_after.json").read_text())["constrained"]["accuracy"]
+    assert abs(json.loads(written.read_text())["constrained"]["accuracy"] - after) < 1e-6
 
 
 def test_cli_zo_wrong_target_is_a_clear_error(tmp_path):
