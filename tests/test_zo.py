@@ -268,3 +268,19 @@ def test_few_shot_draw_is_per_class_and_seeded():
     assert [im[0].tobytes() for im in a["images"]] != [im[0].tobytes() for im in b["images"]]
     with pytest.raises(UserError, match="shots_per_class"):
         few_shot(train.select(range(30)), 20)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "smolvlm", "gemma3", "gemma4", "llava", "paligemma"])
+def test_sharpzo_moves_lora_of_every_family_in_both_towers(tmp_path, family):
+    from rich.console import Console
+
+    from vlmfit.train.zo import make_target
+
+    sets = [f"model.name=tiny:{family}", "method=zo", f"output.dir={tmp_path}", "train.batch_size=2", "data.train_limit=8",
+            "data.eval_limit=4", "zo.forward_passes=8", "zo.popsize=2", "zo.generations=1", "zo.eps=1e-2", "zo.lr=1e-2",
+            "lora.scope=[language,vision]"]
+    cfg = load_config(base={"model": {"name": "x"}}, overrides=sets)
+    target = make_target(cfg, Console(quiet=True))
+    before = [p.clone() for p in target.params]
+    sharpzo(target, cfg, Log(None, target, 10**9))
+    assert all(not torch.equal(a, b) for a, b in zip(before, target.params))  # CMA-ES + sparse ZO reach every adapter
