@@ -84,6 +84,16 @@ def reach(history: list[dict], target: float):
     return None, None
 
 
+def peak_above_existing(fn) -> int:
+    """Peak live tensor bytes while `fn()` runs, above what was alive before it (weights, cached features, batch)."""
+    gc.collect()
+    tm = TensorMemory("cpu")
+    with tm:
+        base = tm.register_existing()
+        fn()
+        return tm.peak - base
+
+
 def measure_memory(args) -> dict:
     """Live tensor bytes above the weights (TensorMemory, CPU). `whole`: an inference forward of the few-shot batch
     (image tower + text tower + logits) against a whole training run (feature caching + optimizer loop). `loop`:
@@ -97,34 +107,25 @@ def measure_memory(args) -> dict:
         target = make_target(cfg, QUIET)
         images = [ex[0] for ex in _train_images(cfg)]
         feats_train = target.features.pop("train")
-        gc.collect()
-        tm = TensorMemory("cpu")
-        with tm:
-            base = tm.register_existing()
-            if what == "inference":
-                with torch.no_grad():
-                    px = target.processor(images=images, return_tensors="pt")["pixel_values"]
-                    img = torch.nn.functional.normalize(target.model.get_image_features(pixel_values=px).pooler_output, dim=-1)
-                    text = target.text_features(target.context(target.params[0][None]))
-                    logits = torch.einsum("pce,ne->pnc", text, img)
-                    assert logits.shape[-1] == len(target.class_names)
-                    del px, img, text, logits
-            else:
-                target.cache_images("train", images, feats_train[1].tolist(), batch_size=len(images))
-                OPTIMIZERS[opt](target, cfg, Log(None, target, 10**9, track_accuracy=False))
-            out[what] = {"whole": tm.peak - base}
+
+        def inference_forward():
+            with torch.no_grad():
+                px = target.processor(images=images, return_tensors="pt")["pixel_values"]
+                img = torch.nn.functional.normalize(target.model.get_image_features(pixel_values=px).pooler_output, dim=-1)
+                text = target.text_features(target.context(target.params[0][None]))
+                assert torch.einsum("pce,ne->pnc", text, img).shape[-1] == len(target.class_names)
+
+        def train_run():
+            target.cache_images("train", images, feats_train[1].tolist(), batch_size=len(images))
+            OPTIMIZERS[opt](target, cfg, Log(None, target, 10**9, track_accuracy=False))
+
+        out[what] = {"whole": peak_above_existing(inference_forward if what == "inference" else train_run)}
         target.features["train"] = target.features.get("train", feats_train)
-        gc.collect()
-        tm = TensorMemory("cpu")
-        with tm:
-            base = tm.register_existing()
-            if what == "inference":
-                with torch.no_grad():
-                    target.loss(None)
-            else:
-                OPTIMIZERS[opt](target, cfg, Log(None, target, 10**9, track_accuracy=False))
-            out[what]["loop"] = tm.peak - base
-        del target
+        if what == "inference":
+            out[what]["loop"] = peak_above_existing(lambda: torch.no_grad()(target.loss)(None))
+        else:
+            out[what]["loop"] = peak_above_existing(lambda: OPTIMIZERS[opt](target, cfg, Log(None, target, 10**9, track_accuracy=False)))
+        target = None  # free the model before the next one loads
     for k in list(out):  # both against the inference forward of the batch (image tower + text tower + logits)
         for part in ("whole", "loop"):
             out[k][f"{part}_ratio"] = out[k][part] / out["inference"]["whole"]
@@ -155,17 +156,12 @@ def measure_memory_lora(args) -> dict:
             m = measure_steps(target.model, batch, make_optimizer(target.model, "adamw"), steps=2)
             out[what] = {"peak_above_weights": m.peak - m.weights}
             continue
-        gc.collect()
-        tm = TensorMemory("cpu")
-        with tm:
-            base = tm.register_existing()
-            if what == "inference":
-                with torch.no_grad():
-                    del target.model(**batch, use_cache=False).logits
-            else:
-                OPTIMIZERS[what](target, cfg, Log(None, target, 10**9, track_accuracy=False))
-            out[what] = {"peak_above_weights": tm.peak - base}
-        del target
+        if what == "inference":
+            out[what] = {"peak_above_weights": peak_above_existing(lambda: torch.no_grad()(target.loss)(batch))}
+        else:
+            out[what] = {"peak_above_weights": peak_above_existing(
+                lambda: OPTIMIZERS[what](target, cfg, Log(None, target, 10**9, track_accuracy=False)))}
+        target = None  # free the model before the next one loads
     inf = out["inference"]["peak_above_weights"]
     for k in out:
         out[k]["ratio_to_inference"] = out[k]["peak_above_weights"] / inf

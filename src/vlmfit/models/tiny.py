@@ -472,13 +472,17 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
 def tiny_path(family: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Directory of the cached tiny ``family`` model, built on first use (safe across concurrent processes)."""
     _family(family)
-    target = _cache_root(cache_dir) / f"{family}-v{TINY_VERSION}"
+    return cached_build(_cache_root(cache_dir) / f"{family}-v{TINY_VERSION}", lambda out: build_tiny(family, out))
+
+
+def cached_build(target: pathlib.Path, build) -> pathlib.Path:
+    """`target` once it holds a complete build (config.json); otherwise `build(tmp_dir)` and move it into place."""
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny(family, tmp)
+        build(tmp)
         try:
             os.replace(tmp, target)  # atomic; fails if another process already put a complete build there
         except OSError:

@@ -9,11 +9,9 @@ import json
 import math
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 
-from vlmfit.models.tiny import DIGIT_WORDS, _cache_root, _corpus
+from vlmfit.models.tiny import DIGIT_WORDS, _cache_root, _corpus, cached_build
 
 CLIP_NAME = "clip-digits-v1"
 
@@ -254,18 +252,4 @@ def build_tiny_clip(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Pat
 
 def tiny_clip_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Directory of the cached tiny CLIP, built on first use (safe across concurrent processes)."""
-    target = _cache_root(cache_dir) / CLIP_NAME
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build_tiny_clip(tmp)
-        try:
-            os.replace(tmp, target)  # atomic; fails if another process already put a complete build there
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(_cache_root(cache_dir) / CLIP_NAME, build_tiny_clip)
