@@ -284,3 +284,8 @@ def test_sharpzo_moves_lora_of_every_family_in_both_towers(tmp_path, family):
     before = [p.clone() for p in target.params]
     sharpzo(target, cfg, Log(None, target, 10**9))
     assert all(not torch.equal(a, b) for a, b in zip(before, target.params))  # CMA-ES + sparse ZO reach every adapter
+
+
+def test_plan_refuses_forward_only_recipes_with_the_workaround():
+    res = _vlmfit("plan", "zo-lora")
+    assert res.returncode == 2 and "method zo" in res.stderr + res.stdout and "method=lora" in res.stderr + res.stdout

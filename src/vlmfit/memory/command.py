@@ -57,6 +57,11 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
     1 when a budget was given and the plan does not fit, else 0."""
     console = console or Console()
     cfg = recipe_config(recipe, model, overrides)
+    if cfg.method == "zo":  # the estimator models backprop; a plan of it would mislead
+        raise UserError("vlmfit plan does not model forward-only training (method zo) yet",
+                        where="method", hint="zo needs about the memory of an inference forward of one batch (measured "
+                        "1.00x, docs/BENCHMARKS.md); `--set method=lora` plans the same adapters trained by backprop, "
+                        "an upper bound")
     budget = parse_budget(gpu) if gpu else None
     hw = _image_hw(image_size)
     bd = plan(cfg, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens)
