@@ -23,8 +23,8 @@ from vlmfit.evaluate.preference import evaluate_preference
 from vlmfit.models.load import Loaded, load
 from vlmfit.report import RunDir, plot_loss, write_report
 from vlmfit.train.collate import PreferenceCollator, VisionChatCollator
-from vlmfit.train.sft import (LABEL_METHODS, RichProgress, apply_length_policy, enable_checkpointing, run_eval,
-                              targets_table, trainer_arguments)
+from vlmfit.train.sft import (LABEL_METHODS, RichProgress, apply_length_policy, drop_empty_checkpoints,
+                              enable_checkpointing, run_eval, targets_table, trainer_arguments)
 
 
 def train_dpo(cfg: RunConfig, console: Console | None = None) -> Path:
@@ -64,9 +64,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None) -> Path:
               "total_params": sum(p.numel() for p in model.parameters())}
 
     weights = save_policy(model, loaded, cfg, run)
-    ckpt = run.path / "checkpoints"
-    if ckpt.is_dir() and not any(ckpt.iterdir()):
-        ckpt.rmdir()  # nothing was checkpointed (save_strategy "no"); don't leave an empty folder
+    drop_empty_checkpoints(run)
     eval_after = None
     if cfg.eval.after:
         eval_after = evaluate(model, ref_model, scorer, data, cfg, console, "after training")

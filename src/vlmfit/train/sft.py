@@ -48,9 +48,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
     train_seconds = time.perf_counter() - t0
 
     weights = save_weights(model, loaded, cfg, run)
-    ckpt = run.path / "checkpoints"
-    if ckpt.is_dir() and not any(ckpt.iterdir()):
-        ckpt.rmdir()  # nothing was checkpointed (save_strategy "no"); don't leave an empty folder
+    drop_empty_checkpoints(run)
     eval_after = None
     if cfg.eval.after:
         eval_after = run_eval(model, collator, test_ds, labels, cfg, console, "after training")
@@ -95,6 +93,13 @@ def load_splits(cfg: RunConfig):
     label_feature = train_ds.features.get("label")
     labels = list(label_feature.names) if hasattr(label_feature, "names") else None
     return train_ds, test_ds, labels
+
+
+def drop_empty_checkpoints(run: RunDir) -> None:
+    """The Trainer makes its output_dir even with save_strategy "no": don't leave an empty folder in the run."""
+    ckpt = run.path / "checkpoints"
+    if ckpt.is_dir() and not any(ckpt.iterdir()):
+        ckpt.rmdir()
 
 
 def few_shot(train_ds, k: int, seed: int = 0):

@@ -35,10 +35,10 @@ def train_zo(cfg: RunConfig, console: Console | None = None) -> Path:
     before = target.evaluate()
     run.write_json("eval_before.json", before)
     console.print(f"accuracy before training: {100 * before['constrained']['accuracy']:.1f}%")
-    log = Log(run, target, cfg.zo.eval_every, console, known_accuracy=before["constrained"]["accuracy"])
+    log = Log(run, target, cfg.zo.eval_every, known=before)
     with console.status("forward-only training" if cfg.zo.optimizer != "coop" else "CoOp (backprop) training"):
         OPTIMIZERS[cfg.zo.optimizer](target, cfg, log)
-    after = target.evaluate()
+    after = log.evaluation  # the final record's evaluation: the parameters as they end (not evaluated twice)
     run.write_json("eval_after.json", after)
     console.print(f"accuracy after training: {100 * after['constrained']['accuracy']:.1f}%")
     weights = target.save(run.path) if cfg.output.save_model else "not saved (output.save_model: false)"
@@ -68,9 +68,9 @@ class Log:
     run: RunDir | None
     target: object
     every: int
-    console: Console | None = None
     track_accuracy: bool = True
-    known_accuracy: float | None = None  # of the starting parameters, when already evaluated (not evaluated again)
+    known: dict | None = None  # evaluation of the starting parameters, when the caller already has it
+    evaluation: dict | None = None  # target.evaluate() of the latest record
     used: int = 0
     seconds: float = 0.0
     last_loss: float = math.nan
@@ -91,10 +91,11 @@ class Log:
 
     def _record(self, stage: str | None) -> None:
         self.seconds += time.perf_counter() - self._t0
-        if self.known_accuracy is not None:
-            acc, self.known_accuracy = self.known_accuracy, None
-        else:
-            acc = self.target.accuracy() if self.track_accuracy else None
+        if self.known is not None:
+            self.evaluation, self.known = self.known, None
+        elif self.track_accuracy:
+            self.evaluation = self.target.evaluate()
+        acc = self.evaluation["constrained"]["accuracy"] if self.track_accuracy else None
         rec = {"step": self.used, "forward_passes": self.used, "accuracy": acc,
                "train_seconds": round(self.seconds, 3), **({"stage": stage} if stage else {})}
         if not math.isnan(self.last_loss):
@@ -346,9 +347,6 @@ class LoraTarget:
             out.append(self.loss(batch))
         self.set_flat(keep)
         return np.asarray(out)
-
-    def accuracy(self) -> float:
-        return self.evaluate()["constrained"]["accuracy"]
 
     def evaluate(self) -> dict:
         from vlmfit.evaluate.classification import evaluate_classification
