@@ -44,9 +44,11 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 from vlmfit.config import load_config
 from vlmfit.evaluate.classification import evaluate_classification
 from vlmfit.models.load import load
-from vlmfit.report import RunDir
-from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
-from vlmfit.train.sft import apply_method, load_splits, make_trainer
+from vlmfit.rundir import RunDir
+from vlmfit.chat.collate import IGNORE_INDEX, VisionChatCollator
+from vlmfit.data.splits import load_splits
+from vlmfit.models.targets import make_trainable
+from vlmfit.train.sft import make_trainer
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml").read_text())
 MODES = ["constrained", "generate"]
@@ -63,9 +65,9 @@ def config(base: dict, overrides: list[str]):
 
 
 def train(cfg, loaded, collator, train_ds) -> tuple[torch.nn.Module, dict]:
-    """apply_method + make_trainer + trainer.train(), exactly as `vlmfit train` does, timed."""
+    """make_trainable + make_trainer + trainer.train(), exactly as `vlmfit train` does, timed."""
     set_seed(cfg.train.seed)
-    model = apply_method(loaded, cfg, QUIET)
+    model = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)[0]
     run = RunDir.create(cfg)  # make_trainer logs metrics.jsonl here
     trainer = make_trainer(model, loaded, collator, train_ds, cfg, run)
     t0 = time.perf_counter()
@@ -126,7 +128,8 @@ def main() -> None:
 
     # ---- (a) loss masking: TRL's default VLM collator vs vlmfit's VisionChatCollator --------------------------
     cfg = config(DEMO, [f"train.epochs={args.epochs}", f"output.dir={out}"])
-    train_ds, test_ds, labels = load_splits(cfg)
+    splits = load_splits(cfg)
+    train_ds, test_ds, labels = splits.train, splits.test, splits.labels
     probe = [train_ds[i] for i in range(cfg.train.batch_size)]
     base_dir = out / f"a-{seeds[0]}-vlmfit-model"
     for seed in seeds:

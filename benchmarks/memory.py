@@ -124,12 +124,9 @@ def batch_for(path: Path, family: str):
 
 def run_one(family: str, method: str, ckpt: bool) -> dict:
     """Child process: load and prepare the model exactly as `vlmfit train` does (vlmfit.models.load.load,
-    vlmfit.train.sft.apply_method / enable_checkpointing, the optimizer HF builds for train.optim), measure 2 steps,
+    vlmfit.models.targets.make_trainable / enable_checkpointing, the optimizer HF builds for train.optim), measure 2 steps,
     and ask the planner for the same batch."""
-    import io
-
     import torch
-    from rich.console import Console
     from transformers import AutoConfig
 
     from vlmfit.config import load_config
@@ -137,7 +134,7 @@ def run_one(family: str, method: str, ckpt: bool) -> dict:
     from vlmfit.memory.measure import make_optimizer, measure_steps
     from vlmfit.memory.shape import model_shape
     from vlmfit.models.load import load
-    from vlmfit.train.sft import apply_method, enable_checkpointing
+    from vlmfit.models.targets import enable_checkpointing, make_trainable
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -149,7 +146,7 @@ def run_one(family: str, method: str, ckpt: bool) -> dict:
         "train": {"batch_size": BATCH, "gradient_checkpointing": ["language"] if ckpt else [], "optim": "adamw"},
     })  # fmt: skip
     loaded = load(cfg.model.name, "float32", None, cfg.model, "4bit" if method == "qlora" else "none")
-    model = apply_method(loaded, cfg, Console(file=io.StringIO()))
+    model, _ = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
     enable_checkpointing(model, loaded.family, list(cfg.train.gradient_checkpointing))
     opt = make_optimizer(model, "adamw")
     t0 = time.perf_counter()

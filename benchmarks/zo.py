@@ -34,7 +34,8 @@ from rich.console import Console
 
 from vlmfit.config import load_config
 from vlmfit.memory.measure import TensorMemory
-from vlmfit.train.zo import OPTIMIZERS, Log, make_target
+from vlmfit.train.zo import OPTIMIZERS, Budget
+from vlmfit.train.zo_targets import make_target
 
 QUIET = Console(quiet=True)
 datasets.disable_progress_bars()
@@ -61,7 +62,7 @@ def run_one(args, optimizer: str, seed: int, lr: float) -> dict:
     cfg = recipe(args, optimizer, seed, lr, args.budget, args.eval_every)
     torch.manual_seed(seed)
     target = make_target(cfg, QUIET)
-    log = Log(None, target, cfg.zo.eval_every)
+    log = Budget(None, target, cfg.zo.eval_every)
     t0 = time.perf_counter()
     OPTIMIZERS[optimizer](target, cfg, log)
     wall = time.perf_counter() - t0
@@ -117,14 +118,14 @@ def measure_memory(args) -> dict:
 
         def train_run():
             target.cache_images("train", images, feats_train[1].tolist(), batch_size=len(images))
-            OPTIMIZERS[opt](target, cfg, Log(None, target, 10**9, track_accuracy=False))
+            OPTIMIZERS[opt](target, cfg, Budget(None, target, 10**9, track_accuracy=False))
 
         out[what] = {"whole": peak_above_existing(inference_forward if what == "inference" else train_run)}
         target.features["train"] = target.features.get("train", feats_train)
         if what == "inference":
             out[what]["loop"] = peak_above_existing(lambda: torch.no_grad()(target.loss)(None))
         else:
-            out[what]["loop"] = peak_above_existing(lambda: OPTIMIZERS[opt](target, cfg, Log(None, target, 10**9, track_accuracy=False)))
+            out[what]["loop"] = peak_above_existing(lambda: OPTIMIZERS[opt](target, cfg, Budget(None, target, 10**9, track_accuracy=False)))
         target = None  # free the model before the next one loads
     for k in list(out):  # both against the inference forward of the batch (image tower + text tower + logits)
         for part in ("whole", "loop"):
@@ -160,7 +161,7 @@ def measure_memory_lora(args) -> dict:
             out[what] = {"peak_above_weights": peak_above_existing(lambda: torch.no_grad()(target.loss)(batch))}
         else:
             out[what] = {"peak_above_weights": peak_above_existing(
-                lambda: OPTIMIZERS[what](target, cfg, Log(None, target, 10**9, track_accuracy=False)))}
+                lambda: OPTIMIZERS[what](target, cfg, Budget(None, target, 10**9, track_accuracy=False)))}
         target = None  # free the model before the next one loads
     inf = out["inference"]["peak_above_weights"]
     for k in out:
@@ -169,9 +170,9 @@ def measure_memory_lora(args) -> dict:
 
 
 def _train_images(cfg):
-    from vlmfit.train.sft import load_splits
+    from vlmfit.data.splits import load_splits
 
-    return load_splits(cfg)[0]["images"]
+    return load_splits(cfg).train["images"]
 
 
 def main() -> None:

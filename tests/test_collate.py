@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from vlmfit.data.schema import chat_example
+from vlmfit.chat.schema import chat_example
 from vlmfit.errors import UserError
 from vlmfit.models.families import FAMILIES
 from vlmfit.models.load import load
 from vlmfit.models.tiny import TINY_FAMILIES
-from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
+from vlmfit.chat.collate import IGNORE_INDEX, VisionChatCollator
 
 from helpers import digit_image, multi_turn_example
-from vlmfit.data.schema import image_part, text_part
+from vlmfit.chat.schema import image_part, text_part
 
 
 CHAT_FAMILIES = [f for f in TINY_FAMILIES if f in FAMILIES and FAMILIES[f].prompt_style == "chat"]
@@ -159,7 +159,7 @@ def test_unknown_family_trains_by_prefix_rendering(family):
     from vlmfit.models.targets import part_of, resolve_lora_targets
 
     loaded = load(f"tiny:{family}")
-    generic = generic_family(loaded.processor, "mystery_vl")
+    generic = generic_family("mystery_vl", loaded.processor)
     coll = VisionChatCollator(loaded.processor, generic)
     assert coll.label_method == "prefix"
     examples = [multi_turn_example(), chat_example("What digit is this?", "nine", [digit_image(7)])]

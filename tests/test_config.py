@@ -79,3 +79,24 @@ def test_cli_missing_recipe_and_help(tmp_path):
     for cmd in ("train", "eval", "demo", "models"):
         h = run_cli(cmd, "--help")
         assert h.returncode == 0 and "Usage" in h.stdout
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dpo", "zo"])
+def test_a_wrong_model_fails_before_any_data_is_touched(tmp_path, method):
+    # The data source does not exist either: the error must be about the model, found first, for every recipe kind.
+    recipe = write(tmp_path, f"model: {{name: tiny:qwen2-vl}}\nmethod: {method}\ndata: {{source: {tmp_path}/missing.jsonl}}\n")
+    r = run_cli("train", str(recipe), "--set", f"output.dir={tmp_path}")
+    assert r.returncode == 2 and "did you mean 'tiny:qwen2_vl'" in r.stderr and "missing.jsonl" not in r.stderr, r.stderr
+
+
+def test_recipes_fail_fast_through_the_python_api_too(tmp_path):
+    from vlmfit.train.dpo import train_dpo
+    from vlmfit.train.sft import train_sft
+    from vlmfit.train.zo import train_zo
+
+    for train, method in ((train_sft, "lora"), (train_dpo, "dpo"), (train_zo, "zo")):
+        cfg = load_config(base={"model": {"name": "./no/such/model"}, "method": method,
+                                "data": {"source": str(tmp_path / "missing.jsonl")}, "output": {"dir": str(tmp_path)}})
+        with pytest.raises(UserError, match="does not exist") as e:
+            train(cfg)
+        assert e.value.where == "model.name"

@@ -7,8 +7,9 @@ import sys
 from rich.console import Console
 
 from vlmfit.config import load_config
-from vlmfit.data.schema import chat_example
-from vlmfit.doctor import Report, _check_examples, meta_model, print_report, run_doctor
+from vlmfit.chat.schema import chat_example
+from vlmfit.doctor import Report, _check_examples, print_report, run_doctor
+from vlmfit.models.meta import meta_model_of
 from vlmfit.models.load import load
 
 from helpers import digit_image
@@ -47,7 +48,7 @@ def test_empty_assistant_turn_and_feature_mismatch_are_failures():
     cfg = load_config(base={"model": {"name": "tiny:gemma4"}})
     rep = Report()
     empty = chat_example("What digit is this?", "", [digit_image(0)])
-    _check_examples(rep, *_collator(loaded), meta_model(loaded.source).config, loaded.family, [chat_example("q?", "one", [digit_image(1)]), empty], cfg)
+    _check_examples(rep, *_collator(loaded), meta_model_of(loaded.source).config, loaded.family, [chat_example("q?", "one", [digit_image(1)]), empty], cfg)
     by_name = {c.name: c for c in rep.checks}
     assert by_name["example 1"].status == "fail" and "empty" in by_name["example 1"].detail
     assert by_name["image tokens"].status == "ok"  # Gemma 4: pooled patches == image soft tokens
@@ -55,7 +56,7 @@ def test_empty_assistant_turn_and_feature_mismatch_are_failures():
 
 
 def _collator(loaded):
-    from vlmfit.train.collate import VisionChatCollator
+    from vlmfit.chat.collate import VisionChatCollator
 
     return (VisionChatCollator(loaded.processor, loaded.family),)
 
@@ -76,7 +77,7 @@ def test_targets_check_follows_what_actually_trains():
         from vlmfit.models.load import family_for, load_processor, resolve_reference
 
         ref = resolve_reference(cfg.model.name)
-        model = meta_model(ref, None)
+        model = meta_model_of(ref)
         _check_targets(rep, model, family_for(model.config.model_type, load_processor(ref), cfg.model.name), cfg)
         names = {c.name for c in rep.checks}
         assert expect in names, (sets, names)

@@ -11,15 +11,15 @@ from rich.console import Console
 from vlmfit.config import load_config
 from vlmfit.data.builtin import load_builtin
 from vlmfit.data.preference import EVASIVE
-from vlmfit.data.schema import image_part, text_part
+from vlmfit.chat.schema import image_part, text_part
 from vlmfit.errors import UserError
 from vlmfit.evaluate.preference import pair_logprobs, reference_of
 from vlmfit.models.families import FAMILIES
 from vlmfit.models.load import load
 from vlmfit.models.tiny import TINY_FAMILIES
-from vlmfit.report import RunDir
-from vlmfit.train.collate import VisionChatCollator
-from vlmfit.train.collate import PreferenceCollator
+from vlmfit.rundir import RunDir
+from vlmfit.chat.collate import VisionChatCollator
+from vlmfit.chat.collate import PreferenceCollator
 from vlmfit.train.dpo import load_pairs, load_start, make_trainer, train_dpo
 from vlmfit.train.sft import apply_length_policy, train_sft
 

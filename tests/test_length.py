@@ -5,10 +5,10 @@ import pytest
 from rich.console import Console
 
 from vlmfit.config import load_config
-from vlmfit.data.schema import chat_example
+from vlmfit.chat.schema import chat_example
 from vlmfit.errors import UserError
 from vlmfit.models.load import load
-from vlmfit.train.collate import VisionChatCollator
+from vlmfit.chat.collate import VisionChatCollator
 from vlmfit.train.sft import apply_length_policy, train_sft
 
 from helpers import digit_image

@@ -16,7 +16,7 @@ from vlmfit.memory import (
     model_shape,
     parse_budget,
     per_gpu,
-    plan,
+    plan_memory,
     published_counts,
     shipped_ids,
 )
@@ -121,17 +121,18 @@ def test_breakdown_responds():
 
 def test_image_token_rules():
     from vlmfit.memory.vision import image_cost
+    from vlmfit.models.families import FAMILIES
 
     qwen = load_model_config("Qwen/Qwen2.5-VL-3B-Instruct")
-    assert image_cost(qwen, "qwen2_5_vl", 1024, 1024, max_pixels=1003520).tokens == 1225  # 35 x 35 after smart_resize
-    assert image_cost(qwen, "qwen2_5_vl", 1024, 1024, max_pixels=1003520).encoder_positions == 4900
-    gemma3 = image_cost(load_model_config("google/gemma-3-4b-it"), "gemma3", 500, 800)
+    assert image_cost(qwen, FAMILIES["qwen2_5_vl"], 1024, 1024, max_pixels=1003520).tokens == 1225  # 35 x 35 after smart_resize
+    assert image_cost(qwen, FAMILIES["qwen2_5_vl"], 1024, 1024, max_pixels=1003520).encoder_positions == 4900
+    gemma3 = image_cost(load_model_config("google/gemma-3-4b-it"), FAMILIES["gemma3"], 500, 800)
     assert (gemma3.tokens, gemma3.encoder_positions) == (256, 4096)
-    gemma4 = image_cost(load_model_config("google/gemma-4-31B-it"), "gemma4", 1024, 1024)
+    gemma4 = image_cost(load_model_config("google/gemma-4-31B-it"), FAMILIES["gemma4"], 1024, 1024)
     assert (gemma4.tokens, gemma4.encoder_positions) == (280, 2520)
-    smol = image_cost(load_model_config("HuggingFaceTB/SmolVLM-256M-Instruct"), "smolvlm", 1024, 1024)
+    smol = image_cost(load_model_config("HuggingFaceTB/SmolVLM-256M-Instruct"), FAMILIES["smolvlm"], 1024, 1024)
     assert smol.tokens == 17 * 64  # 4x4 tiles + the global image, 64 tokens each
-    llava = image_cost(load_model_config("llava-hf/llava-1.5-7b-hf"), "llava", 1024, 1024)
+    llava = image_cost(load_model_config("llava-hf/llava-1.5-7b-hf"), FAMILIES["llava"], 1024, 1024)
     assert (llava.tokens, llava.encoder_positions) == (576, 577)
 
 
@@ -159,9 +160,9 @@ def test_fit_qwen_3b_in_14gib():
     cfg = load_config(base={"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct"}, "method": "lora",
                             "train": {"batch_size": 8, "grad_accum": 2}})
     budget = parse_budget("14GiB")
-    assert plan(cfg, budget=budget).verdict == "does not fit"
+    assert plan_memory(cfg, budget=budget).verdict == "does not fit"
     new, reasons = fit(cfg, budget)
-    bd = plan(new, budget=budget)
+    bd = plan_memory(new, budget=budget)
     assert bd.verdict == "fits" and bd.peak <= 0.9 * budget
     assert new.train.batch_size * new.train.grad_accum == 16  # the global batch is kept
     assert reasons and "14.00 GiB" in reasons[0]
@@ -178,7 +179,7 @@ def test_fit_reports_impossible():
                                        ("plan-gemma4-31b-qlora-96gb", "rtx6000-96gb"),
                                        ("plan-smolvlm-chartqa", "l4-24gb")])
 def test_seed_recipes_fit_their_cards(name, gpu):
-    bd = plan(load_config(RECIPES / f"{name}.yaml"), budget=parse_budget(gpu))
+    bd = plan_memory(load_config(RECIPES / f"{name}.yaml"), budget=parse_budget(gpu))
     assert bd.verdict == "fits", bd.as_dict()
 
 
@@ -221,7 +222,7 @@ def test_cpu_measurement_is_plausible():
 def test_plan_command_json(capsys):
     import json
 
-    from vlmfit.memory.command import plan_command
+    from vlmfit.memory.plan import plan_command
 
     code = plan_command(model="Qwen/Qwen2.5-VL-3B-Instruct", gpu="v100-16gb", json_out=True, gpus=4,
                         overrides=["method=full", "train.batch_size=1"])
@@ -229,3 +230,33 @@ def test_plan_command_json(capsys):
     assert code == 1 and out["plan"]["verdict"] == "does not fit"
     assert set(out["per_gpu"]) == {"ddp", "zero2", "zero3", "fsdp"}
     assert out["per_gpu"]["zero3"]["total"] < out["per_gpu"]["ddp"]["total"]
+
+
+def test_plan_fit_with_several_gpus_builds_the_meta_model_once(monkeypatch, tmp_path, capsys):
+    import vlmfit.memory.shape as shape_mod
+    from vlmfit.memory.plan import plan_command
+
+    built = []
+    real = shape_mod.meta_model
+    monkeypatch.setattr(shape_mod, "meta_model", lambda config: built.append(config.model_type) or real(config))
+    code = plan_command(model="Qwen/Qwen2.5-VL-3B-Instruct", gpu="v100-16gb", do_fit=True, gpus=2,
+                        out=tmp_path / "fit.yaml", overrides=["method=full"])
+    assert code == 0 and (tmp_path / "fit.yaml").is_file() and "per GPU at 2 GPUs" in capsys.readouterr().out
+    assert built == ["qwen2_5_vl"]  # plan, per-GPU table, the whole fit search and the fitted plan share one build
+
+
+def test_a_config_key_the_planner_needs_is_an_error_not_a_default():
+    """A family's image rule read on a config that lacks one of its keys (a real config of another architecture,
+    as an unknown or renamed one would be) names the key and the model instead of assuming a value."""
+    from vlmfit.errors import UserError
+    from vlmfit.memory.vision import image_cost
+    from vlmfit.models.families import FAMILIES
+
+    gemma = load_model_config("google/gemma-3-4b-it")  # SigLIP tower: no spatial_merge_size (Qwen's 2x2 merge)
+    with pytest.raises(UserError, match="no 'spatial_merge_size'.*google/gemma-3-4b-it"):
+        image_cost(gemma, FAMILIES["qwen2_5_vl"], 1024, 1024, model="google/gemma-3-4b-it")
+    llava = load_model_config("llava-hf/llava-1.5-7b-hf")  # no mm_tokens_per_image (Gemma 3's pooled count)
+    with pytest.raises(UserError, match="no 'mm_tokens_per_image'"):
+        image_cost(llava, FAMILIES["gemma3"], 896, 896)
+    with pytest.raises(UserError, match="no 'scale_factor'"):  # Idefics3's pixel shuffle
+        image_cost(llava, FAMILIES["smolvlm"], 1024, 1024)

@@ -9,11 +9,12 @@ from rich.console import Console
 
 from vlmfit.config import load_config
 from vlmfit.models.load import load
-from vlmfit.train.collate import VisionChatCollator
-from vlmfit.train.sft import enable_checkpointing, train_sft
+from vlmfit.chat.collate import VisionChatCollator
+from vlmfit.models.targets import enable_checkpointing
+from vlmfit.train.sft import train_sft
 
 from helpers import digit_image
-from vlmfit.data.schema import chat_example
+from vlmfit.chat.schema import chat_example
 
 QUIET = Console(quiet=True)
 

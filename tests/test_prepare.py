@@ -232,7 +232,7 @@ def test_recipe_trains_on_a_raw_source(tmp_path):
 def _video_source(tmp_path):
     import shutil
 
-    from vlmfit.data.video import sample_video_files
+    from helpers import sample_video_files
 
     d = tmp_path / "clips"
     d.mkdir()
@@ -246,7 +246,7 @@ def _video_source(tmp_path):
 
 def test_video_captions_kept_as_video_train_through_the_collator(tmp_path):
     from vlmfit.models.load import load
-    from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
+    from vlmfit.chat.collate import IGNORE_INDEX, VisionChatCollator
 
     report, ds = run(tmp_path, _video_source(tmp_path), task="caption", video_max_frames=4, test_fraction=0.0, val_fraction=0.0)
     assert report["kept"] == 3 and report["skipped_by_reason"] == {"video file not found": 1}

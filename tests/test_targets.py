@@ -9,8 +9,8 @@ from vlmfit.config import load_config
 from vlmfit.errors import UserError
 from vlmfit.models.load import load
 from vlmfit.models.targets import part_of, resolve_lora_targets
-from vlmfit.train.collate import VisionChatCollator
-from vlmfit.train.sft import apply_method
+from vlmfit.chat.collate import VisionChatCollator
+from vlmfit.models.targets import make_trainable
 
 from helpers import multi_turn_example
 
@@ -33,7 +33,7 @@ def test_gemma4_named_targets_in_vision_adapt_inner_linear_and_keep_clamps(tmp_p
     assert all(part_of(n, loaded.family) == "vision" for n in res.modules)
 
     cfg = lora_cfg(tmp_path, "gemma4", scope="[vision]", targets="[q_proj,v_proj]", r=4)
-    model = apply_method(loaded, cfg, QUIET)
+    model = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)[0]
     wrapper = model.get_submodule("base_model.model." + res.modules[0].removesuffix(".linear"))
     assert type(wrapper).__name__ == "Gemma4ClippableLinear" and hasattr(wrapper.linear, "lora_A")
     # Give the adapter real weight, and a tight output clamp, then check the clamp still bounds the output.
@@ -87,7 +87,7 @@ def test_conv3d_patch_embed_is_skipped_with_a_note():
 def test_projector_trained_fully_while_towers_use_lora(tmp_path):
     loaded = load("tiny:qwen2_vl")
     cfg = lora_cfg(tmp_path, "qwen2_vl", scope="[language,vision]", train_fully="[projector]")
-    model = apply_method(loaded, cfg, QUIET)
+    model = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)[0]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     merger = {n for n in trainable if ".visual.merger." in n}
     assert merger and all("lora_" not in n for n in merger)  # the projector: full copies, no LoRA

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlmfit.models import tiny
+from vlmfit.models.tiny import zoo as tiny
+from vlmfit.models.families import FAMILIES
 
 # The placeholder token each family expands images into (what the model's vision features replace).
 IMAGE_TOKEN = {
@@ -107,18 +108,18 @@ def test_forward_backward_on_real_images(built, images, family):
 @pytest.mark.parametrize("family", [f for f in tiny.TINY_FAMILIES if f != "paligemma"])
 def test_chat_template_and_single_token_answers(built, family):
     _, processor, _ = built(family)
-    spec = tiny._FAMILIES[family]
+    spec = FAMILIES[family]  # the markers training reads: the tiny template must write exactly these
     tok = processor.tokenizer
     if family in TRL_TEMPLATE:
         from trl import chat_template_utils
 
         assert processor.chat_template == getattr(chat_template_utils, f"{TRL_TEMPLATE[family]}_chat_template")
     rendered = processor.apply_chat_template(chat())
-    assert spec.assistant_start in rendered and spec.end_of_turn in rendered
-    assert rendered.index(spec.end_of_turn, rendered.index(spec.assistant_start)) > rendered.index("seven")
+    assert spec.assistant_start in rendered and spec.turn_end in rendered
+    assert rendered.index(spec.turn_end, rendered.index(spec.assistant_start)) > rendered.index("seven")
     prompt = processor.apply_chat_template(chat()[:1], add_generation_prompt=True)
     assert prompt.endswith(spec.assistant_start)
-    end_id = tok.convert_tokens_to_ids(spec.end_of_turn)
+    end_id = tok.convert_tokens_to_ids(spec.turn_end)
     assert end_id in model_eos_ids(built, family)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     for word in tiny.DIGIT_WORDS:

@@ -10,7 +10,7 @@ from transformers import AutoProcessor, CLIPModel, CLIPProcessor
 
 from vlmfit.data.builtin import load_builtin
 from vlmfit.errors import UserError
-from vlmfit.models import tiny_clip
+from vlmfit.models.tiny import clip as tiny_clip
 from vlmfit.models.load import resolve_reference
 
 

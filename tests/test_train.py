@@ -15,9 +15,10 @@ from vlmfit.models.families import FAMILIES
 from vlmfit.models.load import load
 from vlmfit.models.targets import part_of
 from vlmfit.models.tiny import TINY_FAMILIES
-from vlmfit.train.collate import VisionChatCollator
-from vlmfit.train.sft import apply_method, make_trainer, train_sft
-from vlmfit.report import RunDir
+from vlmfit.chat.collate import VisionChatCollator
+from vlmfit.models.targets import make_trainable
+from vlmfit.train.sft import make_trainer, train_sft
+from vlmfit.rundir import RunDir
 
 QUIET = Console(quiet=True)
 FAMS = [f for f in TINY_FAMILIES if f in FAMILIES]
@@ -38,7 +39,7 @@ def snapshot(model):
 def test_lora_step_changes_adapters_only(tmp_path, family):
     cfg = cfg_for(tmp_path, family, "lora", **{"lora.scope": "[language,vision,projector]"})
     loaded = load(cfg.model.name)
-    model = apply_method(loaded, cfg, QUIET)
+    model = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)[0]
     before = snapshot(model)
     data = load_builtin("mnist")["train"].select(range(8))
     trainer = make_trainer(model, loaded, VisionChatCollator(loaded.processor, loaded.family), data, cfg, RunDir(tmp_path))
@@ -56,7 +57,7 @@ def test_lora_step_changes_adapters_only(tmp_path, family):
 def test_full_step_changes_every_tower(tmp_path, family):
     cfg = cfg_for(tmp_path, family, "full")
     loaded = load(cfg.model.name)
-    model = apply_method(loaded, cfg, QUIET)
+    model = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)[0]
     before = snapshot(model)
     data = load_builtin("mnist")["train"].select(range(8))
     make_trainer(model, loaded, VisionChatCollator(loaded.processor, loaded.family), data, cfg, RunDir(tmp_path)).train()

@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmfit.data.schema import check_chat_example, count_image_parts, final_answer, message_text
-from vlmfit.data.video import (sample_frames, sample_video_files, split_frames, video_example,
+from vlmfit.chat.schema import check_chat_example, count_image_parts, final_answer, message_text
+from vlmfit.data.video import (sample_frames, split_frames, video_example,
                                video_metadata)
 from vlmfit.errors import UserError
+
+from helpers import sample_video_files
 
 # name: (duration s, fps, decoded frames, (width, height)), read with ffprobe-equivalent PyAV headers.
 FACTS = {

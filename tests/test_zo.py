@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vlmfit.config import load_config
-from vlmfit.train.zo import Log, mezo, noise, perturb_, sharpzo
+from vlmfit.train.zo import Budget, mezo, noise, perturb_, sharpzo
 
 
 class Toy:
@@ -63,7 +63,7 @@ def test_mezo_converges_to_the_optimum_of_a_convex_problem():
     optimum = np.linspace(-1, 1, 10)
     t = Toy(lambda X: ((X - torch.as_tensor(optimum)) ** 2).sum(-1), np.zeros(10))
     start = t.loss(None)
-    mezo(t, zo_cfg(optimizer="mezo", forward_passes=4000, lr=0.05, eps=1e-3), Log(None, t, 10**9))
+    mezo(t, zo_cfg(optimizer="mezo", forward_passes=4000, lr=0.05, eps=1e-3), Budget(None, t, 10**9))
     assert t.loss(None) < 1e-3 * start
     assert np.abs(t.flat() - optimum).max() < 0.02
 
@@ -77,7 +77,7 @@ def _traps(rho: float, seed: int) -> int:
     minimum is 0; every integer point is a local minimum)."""
     t = Toy(_rastrigin, np.random.default_rng(seed).uniform(-3, 3, 10))
     cfg = zo_cfg(optimizer="sharpzo", forward_passes=3000, generations=1000, popsize=20, sigma=0.5, rho=rho, seed=seed)
-    sharpzo(t, cfg, Log(None, t, 10**9))
+    sharpzo(t, cfg, Budget(None, t, 10**9))
     return int((np.round(t.flat()) != 0).sum())
 
 
@@ -99,7 +99,7 @@ def test_sparse_stage_two_descends_and_skips_outliers():
         return ((X - torch.as_tensor(optimum)) ** 2).sum(-1) + (100.0 if calls[0] % 97 == 0 else 0.0)
 
     t = Toy(spiky, np.zeros(20))
-    log = Log(None, t, 10**9)
+    log = Budget(None, t, 10**9)
     sharpzo(t, zo_cfg(optimizer="sharpzo", generations=0, forward_passes=3000, lr=0.01, sparsity=0.5), log)
     assert log.used == 3000
     assert log.outliers >= 10  # ~30 spikes in 3,000 evaluations
@@ -127,14 +127,15 @@ def _lora_cfg(tmp_path, family="qwen2_vl", **zo):
 def test_zo_lora_changes_only_adapters_and_builds_no_graph(tmp_path, optimizer):
     from rich.console import Console
 
-    from vlmfit.train.zo import OPTIMIZERS, make_target
+    from vlmfit.train.zo import OPTIMIZERS
+    from vlmfit.train.zo_targets import make_target
 
     cfg = _lora_cfg(tmp_path, optimizer=optimizer, lr=1e-2, eps=1e-2)
     target = make_target(cfg, Console(quiet=True))
     assert target.kind == "lora" and target.dim > 0
     before = {n: p.detach().clone() for n, p in target.model.named_parameters()}
     tuned = {id(p) for p in target.params}
-    log = Log(None, target, 10**9)
+    log = Budget(None, target, 10**9)
     grad_modes = []  # (grad enabled, loss requires grad) of every training forward (evaluation has no loss)
 
     def record(module, args, out):
@@ -161,8 +162,8 @@ def test_zo_recipe_writes_a_run_directory(tmp_path):
 
     run = train_zo(_lora_cfg(tmp_path, forward_passes=12, eval_every=6), console=Console(quiet=True))
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["forward_passes"] == 12 and summary["target"] == "lora"
-    assert [h["forward_passes"] for h in summary["history"]] == [0, 6, 12]
+    assert summary["zo"]["forward_passes"] == 12 and summary["zo"]["target"] == "lora"
+    assert [h["forward_passes"] for h in summary["zo"]["history"]] == [0, 6, 12]
     for name in ("config.yaml", "eval_before.json", "eval_after.json", "report.md", "adapter/adapter_config.json", "metrics.jsonl"):
         assert (run / name).is_file(), name
 
@@ -181,7 +182,7 @@ def test_prompt_text_encoder_matches_clip_on_the_initial_context(tmp_path):
     from rich.console import Console
     from transformers import CLIPModel
 
-    from vlmfit.train.zo import make_target
+    from vlmfit.train.zo_targets import make_target
 
     target = make_target(_clip_cfg(tmp_path), Console(quiet=True))
     assert target.kind == "prompt" and target.dim == 512 and target.n_train == 160
@@ -199,12 +200,13 @@ def test_prompt_text_encoder_matches_clip_on_the_initial_context(tmp_path):
 def test_short_zo_run_on_tiny_clip_beats_zero_shot_and_touches_only_the_prompt(tmp_path, optimizer):
     from rich.console import Console
 
-    from vlmfit.train.zo import OPTIMIZERS, make_target
+    from vlmfit.train.zo import OPTIMIZERS
+    from vlmfit.train.zo_targets import make_target
 
     cfg = _clip_cfg(tmp_path, optimizer=optimizer, forward_passes=1500, generations=20, lr=0.01 if optimizer == "sharpzo" else 0.1)
     target = make_target(cfg, Console(quiet=True))
     weights = {n: p.detach().clone() for n, p in target.model.named_parameters()}
-    log = Log(None, target, 10**9)
+    log = Budget(None, target, 10**9)
     zero_shot = log.history[0]["accuracy"]
     OPTIMIZERS[optimizer](target, cfg, log)
     tuned = log.history[-1]["accuracy"]
@@ -229,8 +231,8 @@ def test_cli_zo_clip_recipe_writes_the_prompt(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     run = tmp_path / "zo"
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["target"] == "prompt" and summary["forward_passes"] == 300
-    assert [h["forward_passes"] for h in summary["history"]] == [0, 168, 300]  # first generation boundary past 150 (42 passes each), then the end
+    assert summary["zo"]["target"] == "prompt" and summary["zo"]["forward_passes"] == 300
+    assert [h["forward_passes"] for h in summary["zo"]["history"]] == [0, 168, 300]  # first generation boundary past 150 (42 passes each), then the end
     from safetensors.torch import load_file
 
     assert load_file(str(run / "prompt.safetensors"))["context"].shape == (4, 64)
@@ -259,7 +261,7 @@ def test_few_shot_draw_is_per_class_and_seeded():
 
     from vlmfit.data.builtin import load_builtin
     from vlmfit.errors import UserError
-    from vlmfit.train.sft import few_shot
+    from vlmfit.data.splits import few_shot
 
     train = load_builtin("mnist")["train"]
     a, b, a2 = few_shot(train, 4, 0), few_shot(train, 4, 1), few_shot(train, 4, 0)
@@ -274,7 +276,7 @@ def test_few_shot_draw_is_per_class_and_seeded():
 def test_sharpzo_moves_lora_of_every_family_in_both_towers(tmp_path, family):
     from rich.console import Console
 
-    from vlmfit.train.zo import make_target
+    from vlmfit.train.zo_targets import make_target
 
     sets = [f"model.name=tiny:{family}", "method=zo", f"output.dir={tmp_path}", "train.batch_size=2", "data.train_limit=8",
             "data.eval_limit=4", "zo.forward_passes=8", "zo.popsize=2", "zo.generations=1", "zo.eps=1e-2", "zo.lr=1e-2",
@@ -282,7 +284,7 @@ def test_sharpzo_moves_lora_of_every_family_in_both_towers(tmp_path, family):
     cfg = load_config(base={"model": {"name": "x"}}, overrides=sets)
     target = make_target(cfg, Console(quiet=True))
     before = [p.clone() for p in target.params]
-    sharpzo(target, cfg, Log(None, target, 10**9))
+    sharpzo(target, cfg, Budget(None, target, 10**9))
     assert all(not torch.equal(a, b) for a, b in zip(before, target.params))  # CMA-ES + sparse ZO reach every adapter
 
 

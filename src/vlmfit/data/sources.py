@@ -12,8 +12,6 @@ from pathlib import Path
 
 from vlmfit.errors import UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
 
 @dataclass
 class Source:

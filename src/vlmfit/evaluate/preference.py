@@ -9,7 +9,7 @@ import time
 import torch
 
 from vlmfit.evaluate.classification import sequence_logprobs
-from vlmfit.train.collate import IGNORE_INDEX
+from vlmfit.chat.collate import IGNORE_INDEX
 
 
 @torch.no_grad()

@@ -54,7 +54,3 @@ def verdict(total: int, budget: int, margin: float = SAFETY_MARGIN) -> str:
     if total <= budget:
         return "tight"
     return "does not fit"
-
-
-def gib(n: float) -> float:
-    return n / GiB

@@ -70,8 +70,6 @@ class PlanInputs:
     input_grads: bool | None = None  # every tower's input requires grad (None: when checkpointing, as vlmfit does)
     kbit_upcast: bool = True  # prepare_model_for_kbit_training casts non-quantized params to fp32
     dpo_reference: bool = False  # full-tuning DPO keeps a frozen reference copy of the weights
-    gpus: int = 1
-    strategy: str = "ddp"
 
 
 @dataclass
@@ -151,14 +149,12 @@ def _dtype_bytes(name: str) -> int:
 def _resolve_lora(shape: ModelShape, inp: PlanInputs) -> tuple[dict[str, tuple[int, int]], list[str], int]:
     """LoRA module name -> (in, out), the roots of fully trained parts and their parameter count, from vlmfit's
     own resolver (the one training uses) run on the meta model."""
-    from vlmfit.models.families import Family
     from vlmfit.models.targets import resolve_lora_targets
 
     key = ("lora", inp.lora_scope, inp.lora_targets, inp.lora_train_fully)
     if key not in shape.cache:
-        family = shape.family or Family("generic", (), (), "", "", "")
         targets = inp.lora_targets if isinstance(inp.lora_targets, str) else list(inp.lora_targets)
-        res = resolve_lora_targets(shape.model, family, list(inp.lora_scope), targets, list(inp.lora_train_fully))
+        res = resolve_lora_targets(shape.model, shape.family, list(inp.lora_scope), targets, list(inp.lora_train_fully))
         mods = {n: (shape.model.get_submodule(n).in_features, shape.model.get_submodule(n).out_features)
                 for n in res.modules}
         n_full = sum(p.numel() for r in res.fully_trained for p in shape.model.get_submodule(r).parameters())
@@ -172,9 +168,8 @@ def _part_modes(shape: ModelShape, inp: PlanInputs, lora: dict, fully: list[str]
 
     if method == "full":
         return {"vision": "full", "projector": "full", "language": "full"}
-    fam = shape.family
-    lora_parts = {part_of(n, fam) for n in lora} if fam else {"language"}
-    full_parts = {part_of(n, fam) for n in fully} if fam else set()
+    lora_parts = {part_of(n, shape.family) for n in lora}
+    full_parts = {part_of(n, shape.family) for n in fully}
     modes = {p: ("full" if p in full_parts else "lora" if p in lora_parts else "none")
              for p in ("vision", "projector", "language")}
     if modes["language"] == "none" and (modes["vision"] != "none" or modes["projector"] != "none"):
@@ -188,21 +183,21 @@ def _part_modes(shape: ModelShape, inp: PlanInputs, lora: dict, fully: list[str]
     return modes
 
 
-def _sequence(shape: ModelShape, inp: PlanInputs) -> tuple[int, int, int, list[str]]:
+def _sequence(shape: ModelShape, inp: PlanInputs, name: str = "") -> tuple[int, int, int, list[str]]:
     """Per example: LLM sequence length, image tokens, vision-encoder positions."""
-    fam = shape.family.name if shape.family else None
+    fam = shape.family
     notes = []
     if inp.media_tokens is not None:
         tokens, positions = inp.media_tokens
         return tokens + inp.text_tokens, tokens, positions, [f"{tokens} media tokens per example (given)"]
     h, w = inp.image_hw
     kw = dict(min_pixels=inp.min_pixels, max_pixels=inp.max_pixels, max_soft_tokens=inp.max_soft_tokens)
-    img = image_cost(shape.config, fam, h, w, **kw)
+    img = image_cost(shape.config, fam, h, w, model=name, **kw)
     tokens, positions = img.tokens * inp.images, img.encoder_positions * inp.images
     if inp.images:
         notes.append(f"image {h}x{w}: {img.detail}; x{inp.images} per example")
     if inp.video_frames:
-        vid = image_cost(shape.config, fam, h, w, frames=inp.video_frames, **kw)
+        vid = image_cost(shape.config, fam, h, w, frames=inp.video_frames, model=name, **kw)
         tokens, positions = tokens + vid.tokens, positions + vid.encoder_positions
         notes.append(f"video of {inp.video_frames} frames: {vid.detail}")
     seq = tokens + inp.text_tokens
@@ -260,7 +255,7 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
         optim = trainable * 2 * train_bytes
 
     # --- activations -------------------------------------------------------------------------------------------
-    seq, img_tokens, positions, seq_notes = _sequence(shape, inp)
+    seq, img_tokens, positions, seq_notes = _sequence(shape, inp, name)
     notes += seq_notes
     b = inp.batch_size  # DPO: inputs_from_config already doubled it (chosen + rejected)
     copy = cb if autocast16 else (4 if sb != 4 else 0)
@@ -354,8 +349,7 @@ def per_gpu(bd: Breakdown, shape: ModelShape, strategy: str, n: int) -> dict[str
     return {"model states": states, "activations": acts, "overhead": c["overhead"], "total": states + acts + c["overhead"]}
 
 
-def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] | None = None, text_tokens: int = 512,
-                       gpus: int = 1, strategy: str = "ddp") -> PlanInputs:
+def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] | None = None, text_tokens: int = 512) -> PlanInputs:
     """PlanInputs for a RunConfig. `device` decides what "auto" dtype/precision mean (vlmfit: bf16 on a GPU)."""
     m, t, d, lo = cfg.model, cfg.train, cfg.data, cfg.lora
     cuda = device.startswith("cuda")
@@ -378,16 +372,21 @@ def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] |
         max_soft_tokens=m.max_soft_tokens, checkpointing=tuple(t.gradient_checkpointing), optim=t.optim,
         lora_r=lo.r, lora_targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
         lora_scope=tuple(lo.scope), lora_train_fully=tuple(lo.train_fully), lora_dropout=lo.dropout,
-        dpo_reference=dpo_ref, gpus=gpus, strategy=strategy,
+        dpo_reference=dpo_ref,
     )  # fmt: skip
 
 
-def plan(cfg, *, device: str = "cuda", budget: int | None = None, image_hw: tuple[int, int] | None = None,
-         text_tokens: int = 512, shape: ModelShape | None = None) -> Breakdown:
-    """The breakdown for a recipe, from its model's config only (built on the meta device, no weights)."""
+def recipe_shape(cfg) -> ModelShape:
+    """The ModelShape of a recipe's model, from its config only (built on the meta device, no weights)."""
     from vlmfit.memory.catalog import load_model_config
     from vlmfit.memory.shape import model_shape
 
-    shape = shape or model_shape(load_model_config(cfg.model.name, cfg.model.revision))
+    return model_shape(load_model_config(cfg.model.name, cfg.model.revision), cfg.model.name)
+
+
+def plan_memory(cfg, *, device: str = "cuda", budget: int | None = None, image_hw: tuple[int, int] | None = None,
+                text_tokens: int = 512, shape: ModelShape | None = None) -> Breakdown:
+    """The breakdown for a recipe (pass `shape` to reuse one meta-device build across several plans)."""
+    shape = shape or recipe_shape(cfg)
     inp = inputs_from_config(cfg, device=device, image_hw=image_hw, text_tokens=text_tokens)
     return estimate(shape, inp, cfg.model.name).with_budget(budget)

@@ -22,26 +22,29 @@ from pathlib import Path
 
 from vlmfit.errors import UserError
 from vlmfit.memory.budget import GiB, SAFETY_MARGIN
-from vlmfit.memory.estimate import Breakdown, PlanInputs, estimate, inputs_from_config
+from vlmfit.memory.estimate import Breakdown, PlanInputs, estimate, inputs_from_config, recipe_shape
 from vlmfit.memory.shape import ModelShape
+from vlmfit.models.families import RESOLUTION_KEYS, Family
 
-QWEN_PIXEL_CAPS = (None, 1003520, 602112, 401408, 200704, 100352)  # 1280 / 768 / 512 / 256 / 128 tokens
-GEMMA4_SOFT_TOKENS = (None, 280, 140, 70)
 FRAME_SPLITS = (None, 8, 4, 2, 1)
 
 
+def _resolution_key(family: Family) -> str | None:
+    """The PlanInputs / model-section key of the family's resolution cap (max_pixels, max_soft_tokens), if any."""
+    return RESOLUTION_KEYS.get(family.resolution) if family.resolution and family.resolution_caps else None
+
+
 def _options(inp: PlanInputs, shape: ModelShape, unit: int = 1) -> dict[str, list]:
-    fam = shape.family.name if shape.family else ""
     methods = {"full": ["full", "lora", "qlora"], "lora": ["lora", "qlora"], "qlora": ["qlora"]}[inp.method]
     # Checkpointing the vision tower matters even when it is frozen: see estimate._part_modes (input grads).
     ckpts = [(), ("language",), ("language", "vision")]
     g = inp.batch_size * inp.grad_accum
     # unit 2 for DPO: a micro-batch holds whole (chosen, rejected) pairs
     batches = sorted({b for b in range(unit, inp.batch_size + 1, unit) if g % b == 0} | {inp.batch_size}, reverse=True)
-    if fam.startswith("qwen"):
-        res = [inp.max_pixels] + [c for c in QWEN_PIXEL_CAPS[1:] if not inp.max_pixels or c < inp.max_pixels]
-    elif fam == "gemma4":
-        res = [inp.max_soft_tokens] + [c for c in GEMMA4_SOFT_TOKENS[1:] if not inp.max_soft_tokens or c < inp.max_soft_tokens]
+    key = _resolution_key(shape.family)
+    if key:
+        now = getattr(inp, key)
+        res = [now] + [c for c in shape.family.resolution_caps if not now or c < now]
     else:
         res = [None]
     frames = [None]
@@ -52,7 +55,7 @@ def _options(inp: PlanInputs, shape: ModelShape, unit: int = 1) -> dict[str, lis
     return dict(method=methods, quant=quants, ckpt=ckpts, optim=optims, batch=batches, res=res, frames=frames)
 
 
-def _candidate(inp: PlanInputs, fam: str, method, quant, ckpt, optim, batch, res, frames) -> PlanInputs | None:
+def _candidate(inp: PlanInputs, res_key: str | None, method, quant, ckpt, optim, batch, res, frames) -> PlanInputs | None:
     if method == "qlora" and quant == "8bit":
         return None
     if method == "full" and quant != "none":
@@ -60,10 +63,8 @@ def _candidate(inp: PlanInputs, fam: str, method, quant, ckpt, optim, batch, res
     g = inp.batch_size * inp.grad_accum
     new = replace(inp, method=method, quantization="4bit" if method == "qlora" else quant, checkpointing=ckpt,
                   optim=optim, batch_size=batch, grad_accum=g // batch)
-    if fam.startswith("qwen"):
-        new = replace(new, max_pixels=res)
-    elif fam == "gemma4":
-        new = replace(new, max_soft_tokens=res)
+    if res_key:
+        new = replace(new, **{res_key: res})
     if frames:  # each example becomes `frames` frames fed as images, instead of one long video
         new = replace(new, video_frames=0, images=frames)
     if method != "full" and inp.method == "full":
@@ -103,10 +104,10 @@ def search(shape: ModelShape, inp: PlanInputs, budget: int, margin: float = SAFE
            unit: int = 1):
     """All candidates (rank, time, breakdown) that fit, best first, and the smallest plan seen."""
     opts = _options(inp, shape, unit)
-    fam = shape.family.name if shape.family else ""
+    res_key = _resolution_key(shape.family)
     fitting, smallest = [], None
     for combo in itertools.product(*opts.values()):
-        new = _candidate(inp, fam, *combo)
+        new = _candidate(inp, res_key, *combo)
         if new is None:
             continue
         bd = estimate(shape, new, name).with_budget(budget, margin)
@@ -172,10 +173,7 @@ def fit(cfg, budget: int, *, device: str = "cuda", margin: float = SAFETY_MARGIN
 
     Raises UserError when nothing in the search space fits, naming the smallest plan found.
     """
-    from vlmfit.memory.catalog import load_model_config
-    from vlmfit.memory.shape import model_shape
-
-    shape = shape or model_shape(load_model_config(cfg.model.name, cfg.model.revision))
+    shape = shape or recipe_shape(cfg)
     inp = inputs_from_config(cfg, device=device, image_hw=image_hw, text_tokens=text_tokens)
     orig = estimate(shape, inp, cfg.model.name).with_budget(budget, margin)
     fitting, smallest = search(shape, inp, budget, margin, cfg.model.name, unit=2 if cfg.method == "dpo" else 1)

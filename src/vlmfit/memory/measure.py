@@ -17,7 +17,6 @@ optimizer step, gradients released), and the peak during the steps.
 from __future__ import annotations
 
 import gc
-import io
 import weakref
 from dataclasses import dataclass
 
@@ -61,9 +60,6 @@ class TensorMemory(TorchDispatchMode):
                 continue
         self.peak = self.current
         return self.current
-
-    def reset_peak(self) -> None:
-        self.peak = self.current
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -130,7 +126,7 @@ def measure_steps(model, batch: dict, optimizer, *, steps: int = 3, grad_accum: 
 
 
 def make_optimizer(model, name: str, lr: float = 1e-4):
-    """The optimizer HF Trainer builds for vlmfit's train.optim (see vlmfit.train.sft.OPTIMIZERS): adamw_torch is
+    """The optimizer HF Trainer builds for vlmfit's train.optim (see vlmfit.train.trainer.OPTIMIZERS): adamw_torch is
     torch's AdamW with its default implementation; the 8-bit ones are bitsandbytes'."""
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
@@ -143,7 +139,7 @@ def make_optimizer(model, name: str, lr: float = 1e-4):
     return torch.optim.AdamW(params, lr=lr)
 
 
-def predict_for_batch(cfg, batch: dict, config, device: str):
+def predict_for_batch(cfg, batch: dict, config, device: str, shape=None):
     """The planner's breakdown for exactly this batch (its sequence length and media token counts)."""
     from dataclasses import replace
 
@@ -151,27 +147,26 @@ def predict_for_batch(cfg, batch: dict, config, device: str):
     from vlmfit.memory.shape import model_shape
     from vlmfit.memory.vision import image_cost
 
-    shape = model_shape(config)
+    shape = shape or model_shape(config, cfg.model.name)
     ids = batch["input_ids"]
     b, seq = ids.shape
     media_ids = [getattr(config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")]
     media = sum(int((ids == t).sum()) for t in set(media_ids) if isinstance(t, int)) // b
-    ref = image_cost(config, shape.family.name if shape.family else None, 1024, 1024)
+    ref = image_cost(config, shape.family, 1024, 1024, model=cfg.model.name)
     positions = media * ref.encoder_positions // max(ref.tokens, 1)  # encoder positions per LLM token: the rule's ratio
     inp = replace(inputs_from_config(cfg, device=device), batch_size=b, text_tokens=seq - media,
                   media_tokens=(media, positions), max_length=None)
     return estimate(shape, inp, cfg.model.name)
 
 
-def measure_recipe(cfg, steps: int = 3):
+def measure_recipe(cfg, steps: int = 3, shape=None):
     """Load the recipe's model as `vlmfit train` does (quantization, method, checkpointing, optimizer), run `steps`
     steps on its first batch, and return (Measured, the planner's Breakdown for that batch)."""
-    from rich.console import Console
-
+    from vlmfit.chat.collate import VisionChatCollator
+    from vlmfit.data.splits import load_splits
     from vlmfit.errors import UserError
     from vlmfit.models.load import load
-    from vlmfit.train.collate import VisionChatCollator
-    from vlmfit.train.sft import apply_method, enable_checkpointing, load_splits
+    from vlmfit.models.targets import enable_checkpointing, make_trainable
 
     if cfg.method == "dpo":
         raise UserError("--measure runs supervised steps; a DPO recipe is planned but not measured", where="method")
@@ -179,13 +174,13 @@ def measure_recipe(cfg, steps: int = 3):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.method != "qlora" and cfg.model.quantization == "none":
         loaded.model.to(device)  # bitsandbytes already placed a quantized model
-    model = apply_method(loaded, cfg, Console(file=io.StringIO()))
+    model, _ = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
     enable_checkpointing(model, loaded.family, list(cfg.train.gradient_checkpointing))
-    train_ds, _, _ = load_splits(cfg)
+    train_ds = load_splits(cfg).train
     collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
     batch = collator([train_ds[i] for i in range(min(cfg.train.batch_size, len(train_ds)))])
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     optimizer = make_optimizer(model, cfg.train.optim, cfg.train.lr)
     measured = measure_steps(model, batch, optimizer, steps=steps, grad_accum=cfg.train.grad_accum,
                              max_grad_norm=cfg.train.max_grad_norm)
-    return measured, predict_for_batch(cfg, batch, loaded.model.config, device)
+    return measured, predict_for_batch(cfg, batch, loaded.model.config, device, shape)

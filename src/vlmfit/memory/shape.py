@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn as nn
 
-from vlmfit.models.families import Family, family_of_model_type
+from vlmfit.errors import UserError
+from vlmfit.models.families import Family, family_of_model_type, generic_family, require
+from vlmfit.models.meta import meta_model, quantizable
 from vlmfit.models.targets import part_of
 
 PARTS = ("vision", "projector", "language", "embeddings")  # embeddings: token embeddings and the LM head
@@ -40,7 +41,7 @@ class LayerShape:
 class ModelShape:
     config: object
     model_type: str
-    family: Family | None
+    family: Family  # the family table, or the generic family for a model vlmfit has no table for
     model: nn.Module  # the meta-device model (no storage): used to resolve LoRA targets exactly
     params: dict[str, int]  # per part
     linears: dict[str, tuple[str, int, int, int, bool]]  # name -> (part, weight numel, bias numel, out, quantized)
@@ -50,8 +51,6 @@ class ModelShape:
     vocab: int
     hidden: int
     logit_softcap: bool
-    tied_embeddings: bool
-    notes: list[str] = field(default_factory=list)
     cache: dict = field(default_factory=dict, repr=False)  # LoRA resolutions, reused across a fit search
 
     @property
@@ -66,46 +65,23 @@ class ModelShape:
         return max((v[1] for v in self.linears.values()), default=0)
 
 
-def build_meta_model(config) -> nn.Module:
-    """The model class transformers would load, instantiated with no storage (exact shapes, zero bytes)."""
-    from transformers import AutoModel, AutoModelForImageTextToText
-
-    with torch.device("meta"):
-        try:
-            return AutoModelForImageTextToText.from_config(config)
-        except ValueError:  # e.g. CLIP: not a generative VLM, but its size is still worth reporting
-            return AutoModel.from_config(config)
-
-
-def _part(name: str, family: Family | None, embeddings: set[str]) -> str:
+def _part(name: str, family: Family, embeddings: set[str]) -> str:
     if name in embeddings:
         return "embeddings"
-    # A family without a table falls back to part_of's module-name keywords (empty prefixes select that path).
-    fam = family or Family("generic", (), (), "", "", "")
-    return part_of(name, fam) or "embeddings"
+    return part_of(name, family) or "embeddings"
 
 
-def _embedding_modules(model: nn.Module, family: Family | None) -> set[str]:
+def _embedding_modules(model: nn.Module, family: Family) -> set[str]:
     """Token embedding tables of the language side (input, per-layer inputs) and the output embeddings (LM head);
     position embeddings of a vision tower stay in the vision part."""
-    fam = family or Family("generic", (), (), "", "", "")
     out = {n for n, m in model.named_modules()
-           if isinstance(m, nn.Embedding) and m.weight.shape[0] > 1000 and part_of(n, fam) in ("language", None)}
+           if isinstance(m, nn.Embedding) and m.weight.shape[0] > 1000 and part_of(n, family) in ("language", None)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     out |= {n for n, m in model.named_modules() if head is not None and m is head}
     return out
 
 
-def _quantizable(name: str, module: nn.Module, part: str, model: nn.Module) -> bool:
-    """Whether vlmfit's k-bit loading quantizes this linear (the rule of vlmfit.models.load._unquantizable):
-    not the LM head, not the vision tower or projector, input width a multiple of bitsandbytes' 64-value block,
-    and not in the class's _keep_in_fp32_modules."""
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    return (part in ("language", "embeddings") and module.in_features % 64 == 0
-            and not any(name == k or name.endswith("." + k) or f".{k}." in f".{name}." for k in keep))
-
-
-def _layer_lists(model: nn.Module, family: Family | None, embeddings: set[str]) -> dict[str, nn.ModuleList]:
+def _layer_lists(model: nn.Module, family: Family, embeddings: set[str]) -> dict[str, nn.ModuleList]:
     """The longest ModuleList of blocks in the language model and in the vision tower."""
     best: dict[str, tuple[int, nn.ModuleList]] = {}
     for name, mod in model.named_modules():
@@ -134,7 +110,7 @@ def _role(name: str) -> str:
     return _MLP_ROLES.get(leaf, "other")
 
 
-def layer_shape(layer: nn.Module, prefix: str = "") -> LayerShape:
+def layer_shape(layer: nn.Module, prefix: str = "", model: str = "") -> LayerShape:
     linears = [(f"{prefix}{n}", _role(n), m.in_features, m.out_features)
                for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
     by = {}
@@ -147,11 +123,15 @@ def layer_shape(layer: nn.Module, prefix: str = "") -> LayerShape:
         q = by.get("q", (0, hidden))[1]
         kv = by.get("k", (0, q))[1]
         v = by["v"][1] if "v" in by else kv  # Gemma 4 full-attention layers reuse K as V
+    # The attention module's own head count, else its config's: never a guess (attention scores scale with it).
     heads = next((getattr(m, "num_heads", None) or getattr(m, "num_attention_heads", None)
                   for m in layer.modules() if hasattr(m, "head_dim") and hasattr(m, "config")), None)
     if not heads:
         cfg = next((m.config for m in layer.modules() if hasattr(m, "config")), None)
-        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads", None) or max(1, q // 64)
+        if cfg is None:
+            raise UserError(f"cannot tell the attention heads of {type(layer).__name__} (no config on its modules)",
+                            where="model.name", hint=f"the planner does not know this architecture{f' ({model})' if model else ''}")
+        heads = getattr(cfg, "num_heads", None) or require(cfg, "num_attention_heads", model)
     mlp = by.get("up", by.get("gate", (0, 4 * hidden)))[1]
     norms, head_norms, fp32_scale, layernorm = [], 0, False, False
     for _, m in layer.named_modules():
@@ -169,10 +149,11 @@ def layer_shape(layer: nn.Module, prefix: str = "") -> LayerShape:
                       linears)
 
 
-def model_shape(config) -> ModelShape:
-    """Build the model on the meta device and read everything the estimate needs from it."""
-    model = build_meta_model(config)
-    family = family_of_model_type(config.model_type)
+def model_shape(config, name: str = "") -> ModelShape:
+    """Build the model on the meta device and read everything the estimate needs from it. `name` (the model
+    reference) goes into the message when the config lacks a key the planner needs."""
+    model = meta_model(config)
+    family = family_of_model_type(config.model_type) or generic_family(config.model_type)
     embeddings = _embedding_modules(model, family)
     params = dict.fromkeys(PARTS, 0)
     other = dict.fromkeys(PARTS, 0)
@@ -190,19 +171,19 @@ def model_shape(config) -> ModelShape:
         part = _part(mname, family, embeddings)
         params[part] += p.numel()
         if type(mod) is nn.Linear and mname not in embeddings:
-            part_, w, b, o, q = linears.get(mname, (part, 0, 0, mod.out_features, _quantizable(mname, mod, part, model)))
+            part_, w, b, o, q = linears.get(mname, (part, 0, 0, mod.out_features, quantizable(mname, mod, family, model)))
             linears[mname] = (part_, w + (p.numel() if pname == "weight" else 0), b + (p.numel() if pname == "bias" else 0), o, q)
         else:
             other[part] += p.numel()
     lists = _layer_lists(model, family, embeddings)
     prefix = {id(m): n for n, m in model.named_modules()}
-    text = [layer_shape(lay, prefix[id(lay)] + ".") for lay in lists.get("language", [])]
-    vision = [layer_shape(lay, prefix[id(lay)] + ".") for lay in lists.get("vision", [])]
+    text = [layer_shape(lay, prefix[id(lay)] + ".", name) for lay in lists.get("language", [])]
+    vision = [layer_shape(lay, prefix[id(lay)] + ".", name) for lay in lists.get("vision", [])]
     tc = config.get_text_config()
     return ModelShape(
         config=config, model_type=config.model_type, family=family, model=model, params=params, linears=linears,
-        other_params=other, text_layers=text, vision_layers=vision, vocab=int(getattr(tc, "vocab_size", 0) or 0),
-        hidden=int(getattr(tc, "hidden_size", 0) or 0),
+        other_params=other, text_layers=text, vision_layers=vision, vocab=int(require(tc, "vocab_size", name)),
+        hidden=int(require(tc, "hidden_size", name)),
+        # Only Gemma-style configs define it; absent means the head's logits are not soft-capped (not a guess).
         logit_softcap=bool(getattr(tc, "final_logit_softcapping", None)),
-        tied_embeddings=bool(getattr(tc, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False))),
     )

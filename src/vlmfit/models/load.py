@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vlmfit.errors import UserError
-from vlmfit.models.families import Family, family_of_model_type, family_of_processor, generic_family
+from vlmfit.models.families import DUAL_ENCODER_TYPES, FAMILIES, Family, family_of_model_type, family_of_processor, generic_family
 
 
 @dataclass
@@ -22,12 +22,10 @@ class Loaded:
 def resolve_reference(name: str) -> str:
     """Turn a model reference into something from_pretrained accepts, or fail with a clear message."""
     if name.startswith("tiny:"):
-        from vlmfit.models.tiny import TINY_FAMILIES, tiny_path
+        from vlmfit.models.tiny import TINY_FAMILIES, tiny_clip_path, tiny_path
 
         fam = name.split(":", 1)[1]
         if fam == "clip":  # a dual encoder (CLIPModel) for zero-shot / prompt tuning, not a chat VLM
-            from vlmfit.models.tiny_clip import tiny_clip_path
-
             return str(tiny_clip_path())
         if fam not in TINY_FAMILIES:
             from vlmfit.errors import nearest
@@ -93,19 +91,14 @@ def _resolution_kwargs(processor, m) -> dict:
 
 
 def _unquantizable(ref: str, revision: str | None) -> list[str]:
-    """Modules kept in the compute dtype when the base is quantized: lm_head (transformers' default), the vision
-    tower and projector (a small share of the parameters whose quantization costs accuracy; bitsandbytes' CPU
-    4-bit kernel also fails on their biased layers under checkpointing), and any linear bitsandbytes cannot
-    block-quantize (input dim not a multiple of its 64-value block), found on the meta device."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    """The linears kept in the compute dtype when the base is quantized (vlmfit.models.meta.quantizable), found on
+    the meta device."""
+    from transformers import AutoConfig
+
+    from vlmfit.models.meta import meta_model, unquantized_linears
 
     config = AutoConfig.from_pretrained(ref, revision=revision)
-    with torch.device("meta"):
-        meta = AutoModelForImageTextToText.from_config(config)
-    family = family_of_model_type(config.model_type)
-    towers = [p.rstrip(".") for p in (family.vision_prefixes + family.projector_prefixes)] if family else []
-    odd = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and m.in_features % 64]
-    return towers + odd + ["lm_head"]
+    return unquantized_linears(meta_model(config), family_of_model_type(config.model_type) or generic_family(config.model_type))
 
 
 def quantization_config(quantization: str, double_quant: bool, dtype: torch.dtype, skip: list[str]):
@@ -143,29 +136,54 @@ def family_for(model_type: str, processor, name: str) -> Family:
     if family is not None:
         return family
     if getattr(processor, "chat_template", None) and getattr(processor, "tokenizer", None) is not None:
-        return generic_family(processor, model_type)
+        return generic_family(model_type, processor)
     raise UserError(
         f"model type '{model_type}' is not a known VLM family and its processor has no chat template",
         where="model.name",
-        hint="known: qwen2_vl, qwen2_5_vl, qwen3_vl, smolvlm, gemma3, gemma4, llava, paligemma; "
-        "or give the processor a chat template",
+        hint=f"known: {', '.join(FAMILIES)}; or give the processor a chat template",
     )
 
 
-def require_chat_vlm(ref: str, revision: str | None, name: str) -> None:
-    """Dual encoders (CLIP) have no chat, labels or generation: they train only by prompt tuning (method zo)."""
+def model_type_of(ref: str, revision: str | None = None) -> str:
+    """config.model_type of a resolved reference (reads config.json only)."""
     from transformers import AutoConfig
 
-    if AutoConfig.from_pretrained(ref, revision=revision).model_type == "clip":
+    try:
+        return AutoConfig.from_pretrained(ref, revision=revision).model_type
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the config of '{ref}': {str(e).splitlines()[0]}", where="model.name",
+                        hint="check the hub id and your network / HF cache (HF_HUB_OFFLINE=1 reads the cache only)") from None
+
+
+def is_dual_encoder(model_type: str) -> bool:
+    return model_type in DUAL_ENCODER_TYPES
+
+
+def check_model(name: str, revision: str | None = None, *, chat: bool = True) -> tuple[str, str]:
+    """Resolve a model reference and read its config, before any data is touched: (reference, model_type). With
+    `chat`, a dual encoder (CLIP: no chat template, labels or generation) is refused with what to do instead."""
+    ref = resolve_reference(name)
+    model_type = model_type_of(ref, revision)
+    if chat and is_dual_encoder(model_type):
         raise UserError(f"'{name}' is a CLIP dual encoder, not a chat VLM: it has no chat template, labels or generation",
                         where="model.name", hint="train it with method: zo (prompt tuning, e.g. recipes/zo-clip.yaml); "
                         "SFT, DPO, doctor and eval need a generative VLM")
+    return ref, model_type
+
+
+def load_dual_encoder(name: str, revision: str | None = None, dtype: str = "auto"):
+    """A CLIP model (on the GPU when there is one) and its processor, for prompt tuning and zero-shot scoring."""
+    from transformers import AutoProcessor, CLIPModel
+
+    ref = resolve_reference(name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = CLIPModel.from_pretrained(ref, revision=revision, dtype=pick_dtype(dtype)).to(device)
+    return model, AutoProcessor.from_pretrained(ref, revision=revision)
 
 
 def load(name: str, dtype: str = "auto", revision: str | None = None, model_cfg=None, quantization: str = "none") -> Loaded:
     """Model + processor + family. `model_cfg` (the recipe's model section) adds resolution caps and quantization."""
-    ref = resolve_reference(name)
-    require_chat_vlm(ref, revision, name)
+    ref, _ = check_model(name, revision)
     processor = load_processor(ref, revision, model_cfg)
     quant = quantization if model_cfg is None or quantization != "none" else model_cfg.quantization
     model = load_model(ref, dtype, revision, quant, model_cfg.double_quant if model_cfg is not None else True)

@@ -1,5 +1,6 @@
-"""LoRA target resolution: the user's scopes (language / vision / projector) x layer names (or all-linear) become
-the exact module names of this model, with wrapper modules resolved to the nn.Linear they wrap."""
+"""Which parameters train, per part of the model: LoRA target resolution (the user's scopes (language / vision /
+projector) x layer names, or all-linear, become the exact module names of this model, with wrapper modules resolved
+to the nn.Linear they wrap), applying it with PEFT, and activation checkpointing per tower."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ class Resolved:
 
     def as_dict(self) -> dict:
         return {"lora_modules": self.modules, "fully_trained": self.fully_trained, "groups": self.groups, "skipped": self.skipped}
+
+    def table(self):
+        from rich.table import Table
+
+        table = Table(title="LoRA targets")
+        for col in ("module group", "LoRA modules", "fully trained modules", "trainable params"):
+            table.add_column(col, justify="left" if col == "module group" else "right")
+        for part, g in self.groups.items():
+            table.add_row(part, str(g["lora_modules"]), str(g["full_modules"]), f"{g['params']:,}")
+        return table
 
 
 def _part_roots(model: nn.Module, family: Family, part: str) -> list[str]:
@@ -99,3 +110,60 @@ def count_lora_params(model: nn.Module, resolved: Resolved, family: Family) -> N
             part = part_of(base, family)
             if part in resolved.groups:
                 resolved.groups[part]["params"] += p.numel()
+
+
+def resolve_for(model: nn.Module, family: Family, lora) -> Resolved:
+    """resolve_lora_targets with the recipe's lora section."""
+    return resolve_lora_targets(model, family, list(lora.scope), lora.targets, list(lora.train_fully))
+
+
+def peft_config(lora, resolved: Resolved):
+    """PEFT's LoraConfig for the recipe's lora section on the resolved modules."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                      target_modules=resolved.modules or None, modules_to_save=resolved.fully_trained or None,
+                      task_type="CAUSAL_LM")
+
+
+def make_trainable(model: nn.Module, family: Family, method: str, lora) -> tuple[nn.Module, Resolved | None]:
+    """full: every parameter trains. Otherwise (lora, qlora, zo): PEFT adapters on the resolved targets, base frozen;
+    a k-bit base gets PEFT's k-bit preparation (norms upcast, input grads) first. Returns (model, resolved)."""
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, None
+    from peft import get_peft_model
+
+    model = prepare_kbit(model)
+    resolved = resolve_for(model, family, lora)
+    model = get_peft_model(model, peft_config(lora, resolved))
+    count_lora_params(model, resolved, family)
+    return model, resolved
+
+
+def prepare_kbit(model: nn.Module) -> nn.Module:
+    """PEFT's k-bit preparation for a quantized base (norms upcast, input grads on); a no-op otherwise. vlmfit turns
+    checkpointing on per tower itself (enable_checkpointing), so PEFT must not do it globally."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
+def enable_checkpointing(model: nn.Module, family: Family, parts: list[str]) -> None:
+    """Activation checkpointing for the language model and/or the vision tower, separately.
+
+    transformers switches it on for every layer that supports it; the layers of the parts not asked for are then
+    switched back off through their public `gradient_checkpointing` flag."""
+    if not parts:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # a frozen embedding would otherwise cut the graph at the first layer
+    for name, mod in model.named_modules():
+        if getattr(mod, "gradient_checkpointing", None) is True:
+            base = name.removeprefix("base_model.model.")
+            if part_of(base, family) not in parts:
+                mod.gradient_checkpointing = False

@@ -1,4 +1,4 @@
-"""What `vlmfit plan` and the pre-flight of `vlmfit train` do, as functions the CLI calls (parse, plan, print)."""
+"""The `vlmfit plan` verb and the pre-flight of `vlmfit train`, as functions the CLI calls (parse, plan, print)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from rich.table import Table
 
 from vlmfit.errors import UserError
 from vlmfit.memory.budget import GiB, parse_budget
-from vlmfit.memory.estimate import STRATEGIES, Breakdown, per_gpu, plan
+from vlmfit.memory.estimate import STRATEGIES, Breakdown, per_gpu, plan_memory, recipe_shape
+from vlmfit.memory.shape import ModelShape
 
 
 def _image_hw(text: str | None) -> tuple[int, int] | None:
@@ -35,11 +36,7 @@ def recipe_config(recipe: Path | None, model: str | None, overrides: list[str] |
     return load_config(recipe, sets)
 
 
-def multi_gpu_table(bd: Breakdown, gpus: int, strategies=STRATEGIES) -> Table:
-    from vlmfit.memory.catalog import load_model_config
-    from vlmfit.memory.shape import model_shape
-
-    shape = model_shape(load_model_config(bd.model))
+def multi_gpu_table(bd: Breakdown, shape: ModelShape, gpus: int, strategies=STRATEGIES) -> Table:
     t = Table(title=f"per GPU at {gpus} GPUs (GiB)")
     for col in ("strategy", "model states", "activations", "overhead", "total"):
         t.add_column(col, justify="left" if col == "strategy" else "right")
@@ -64,13 +61,10 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
                         "an upper bound")
     budget = parse_budget(gpu) if gpu else None
     hw = _image_hw(image_size)
-    bd = plan(cfg, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens)
+    shape = recipe_shape(cfg)  # one meta-device build for the plan, the per-GPU table and the fit search
+    bd = plan_memory(cfg, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens, shape=shape)
     result: dict = {"plan": bd.as_dict()}
     if gpus > 1:
-        from vlmfit.memory.catalog import load_model_config
-        from vlmfit.memory.shape import model_shape
-
-        shape = model_shape(load_model_config(cfg.model.name, cfg.model.revision))
         result["per_gpu"] = {s: {k: round(v / GiB, 3) for k, v in per_gpu(bd, shape, s, gpus).items()}
                              for s in ([strategy] if strategy else STRATEGIES)}
     code = 1 if bd.verdict == "does not fit" else 0
@@ -79,16 +73,17 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
             raise UserError("--fit needs a budget", where="--gpu", hint="e.g. --gpu 14GiB or --gpu v100-16gb")
         from vlmfit.memory.fit import fit, write_recipe
 
-        fitted, reasons = fit(cfg, budget, device=device, image_hw=hw, text_tokens=text_tokens)
+        fitted, reasons = fit(cfg, budget, device=device, image_hw=hw, text_tokens=text_tokens, shape=shape)
         stem = Path(recipe).stem if recipe else cfg.model.name.replace("/", "_")
         path = write_recipe(fitted, reasons, out or Path(f"{stem}-fit.yaml"))
         result["fit"] = {"recipe": str(path), "reasons": reasons,
-                         "plan": plan(fitted, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens).as_dict()}
+                         "plan": plan_memory(fitted, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens,
+                                             shape=shape).as_dict()}
         code = 0
     if measure:
         from vlmfit.memory.measure import measure_recipe
 
-        measured, predicted = measure_recipe(cfg)
+        measured, predicted = measure_recipe(cfg, shape=shape)
         result["measure"] = {"measured": measured.as_dict(), "predicted_peak_bytes": int(predicted.peak),
                              "predicted_components_bytes": {k: int(v) for k, v in predicted.components.items()}}
     if json_out:
@@ -98,7 +93,7 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
     for note in bd.notes:
         console.print(f"[dim]-[/] {note}")
     if gpus > 1:
-        console.print(multi_gpu_table(bd, gpus, [strategy] if strategy else STRATEGIES))
+        console.print(multi_gpu_table(bd, shape, gpus, [strategy] if strategy else STRATEGIES))
     if "fit" in result:
         console.print(f"[bold]fitted recipe[/] {result['fit']['recipe']}")
         for r in result["fit"]["reasons"]:
@@ -128,7 +123,7 @@ def preflight(cfg, console: Console | None = None, force: bool = False) -> Break
     if not torch.cuda.is_available():
         return None
     budget = torch.cuda.get_device_properties(0).total_memory
-    bd = plan(cfg, device="cuda", budget=budget)
+    bd = plan_memory(cfg, device="cuda", budget=budget)
     if bd.verdict == "does not fit" and not force:
         (console or Console()).print(bd.table())
         raise UserError(

@@ -81,3 +81,12 @@ def check_chat_example(example: dict, where: str = "example") -> None:
                 where=where,
                 hint=f"each {{'type': '{kind}'}} content part takes the next item of '{key}', in order",
             )
+
+
+def stored_video_metadata(frames: list, timestamps: list[float], source_fps: float | None, duration: float) -> dict:
+    """`video_metadata` from stored facts (a prepared dataset keeps fps, duration and timestamps, not the file).
+    Indices are source frame numbers, so `timestamps` (index / fps) are our presentation times."""
+    fps = source_fps or (len(frames) / duration if duration else 24.0)
+    return {"total_num_frames": max(1, round(duration * fps)), "fps": fps, "duration": duration,
+            "width": frames[0].width, "height": frames[0].height, "video_backend": "pyav",
+            "frames_indices": [round(t * fps) for t in timestamps]}

@@ -1,4 +1,5 @@
-"""VisionChatCollator: canonical chat examples -> model batch with assistant-only labels.
+"""VisionChatCollator: canonical chat examples -> model batch with assistant-only labels; PreferenceCollator:
+preference pairs -> the batch TRL's DPOTrainer takes.
 
 Labels are computed on the processor's output, i.e. after each image placeholder has been expanded into as many
 tokens as the image has features (a count that varies per image), so the mask lines up with what the model sees.
@@ -11,11 +12,18 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vlmfit.data.schema import check_chat_example, count_image_parts, message_text, prompt_of
+from vlmfit.chat.schema import check_chat_example, count_image_parts, message_text, prompt_of, stored_video_metadata
 from vlmfit.errors import UserError
 from vlmfit.models.families import Family, family_of_processor, get_family
 
 IGNORE_INDEX = -100
+
+# How labels find the loss positions, in words (logs, doctor, reports).
+LABEL_METHODS = {
+    "markers": "the family's assistant turn markers",
+    "prefix": "template-agnostic: rendering the conversation prefix by prefix",
+    "suffix": "the processor's prompt/suffix split",
+}
 
 
 def _find_all(ids: np.ndarray, pattern: Sequence[int]) -> list[int]:
@@ -104,14 +112,12 @@ class VisionChatCollator:
 
     @staticmethod
     def _video_kwargs(examples: list[dict]) -> dict:
-        from vlmfit.data.video import metadata
-
         videos, metas = [], []
         for ex in examples:
             for i, frames in enumerate(ex.get("videos") or []):
                 meta = (ex.get("video_meta") or [None] * (i + 1))[i] or {}
                 videos.append(list(frames))
-                metas.append(metadata(frames, meta.get("timestamps") or [], meta.get("fps"), meta.get("duration") or 0.0))
+                metas.append(stored_video_metadata(frames, meta.get("timestamps") or [], meta.get("fps"), meta.get("duration") or 0.0))
         if not videos:
             return {}
         # do_sample_frames=False: the frames were already sampled (by fps, even count); Qwen3-VL would resample.

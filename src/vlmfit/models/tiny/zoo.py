@@ -11,62 +11,15 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from vlmfit.models.families import FAMILIES, Family
+from vlmfit.models.tiny.corpus import DIGIT_WORDS, cache_root, cached_build, corpus
+
 TINY_VERSION = 2
-
-# The digit words are the answers the demo teaches; they must stay single tokens (see _check_answer_words).
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-_PROMPTS = (
-    "What digit is this?",
-    "Describe the image.",
-    "Describe the image in one word.",
-    "Which number is shown in the picture?",
-    "What is written here?",
-    "Look at the image and answer with a single word.",
-    "You are a helpful assistant.",
-)
-_SENTENCES = """\
-The image shows a handwritten digit on a dark background.
-A small picture of a number written by hand.
-This is a photo of a cat sitting on a red chair next to the window.
-A person is walking a dog in the park on a sunny day.
-The video shows a rabbit in a green field with trees and flowers.
-Two birds are flying over the water while the sun goes down.
-There is a car, a bus and a bike on the street in the city.
-The answer is yes. The answer is no. I do not know.
-Please answer the question about the image. Be short and clear.
-What color is the sky? It is blue. What color is the grass? It is green.
-How many people are in the picture? There are three people.
-Read the text in the image and tell me what it says.
-The chart shows values from 0 to 100, with 42 at the top and 7 at the bottom.
-She said: "Hello, world!" and then (quietly) left; it was 10:30 a.m.
-Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 20 28 56 64 100 1000 2024.
-User: Assistant: USER: ASSISTANT: system user model assistant
-Picture 1: Picture 2: Video 1: Here is the original image and here are some crops to help you see better.
-A good model learns to stop when the answer is complete.
-"""
-
-
-# Role names open a line in several templates ("user\n", "User:"), so they are trained at a line start too.
-_LINE_STARTS = ("system", "user", "model", "assistant", "User:", "Assistant:", "USER:", "ASSISTANT:")
-
-
-def _corpus() -> list[str]:
-    lines = list(_PROMPTS) + _SENTENCES.splitlines() + list(_LINE_STARTS)
-    for i, word in enumerate(DIGIT_WORDS):
-        nxt = DIGIT_WORDS[(i + 1) % 10]
-        # Each word at a line start (no space before it), after a space, and capitalised, so every family's
-        # pre-tokenizer sees both the bare and the space-prefixed form.
-        lines += [word, f"{word} {nxt}", f"The digit is {word}.", f"It is {word}", f"{word.capitalize()}.", str(i)]
-    return lines * 4
-
 
 # --- tokenizer -----------------------------------------------------------------------------------------------
 
@@ -89,7 +42,7 @@ def _train_tokenizer(tokenizer_cls: type, byte_level: bool, core: list[str], nam
         trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
         alphabet = ["\n"]  # a piece of its own, as in the real vocabularies, never merged (lines hold none)
     trainer = trainers.BpeTrainer(vocab_size=900, initial_alphabet=alphabet, show_progress=False)
-    trainer_tok.train_from_iterator(_corpus(), trainer)
+    trainer_tok.train_from_iterator(corpus(), trainer)
     learned = json.loads(trainer_tok.to_str())["model"]
 
     # Core tokens the class's BPE model needs inside the vocabulary (unk, bos, ...); SentencePiece-style vocabularies
@@ -143,11 +96,8 @@ class _Family:
     named: dict[str, Any]  # tokenizer kwargs: named and model-specific special tokens, add_bos_token, ...
     extra: list[str]  # further special tokens of the real tokenizer
     template: Callable[[], str]
-    assistant_start: str  # what the template writes before an assistant reply
-    end_of_turn: str  # the token that closes an assistant reply
     build: Callable[[Any, Callable[[str], int], int], tuple[Any, Any]]  # (tokenizer, token id, vocab) -> config, proc
     note: str
-    generation_eos: tuple[str, ...] = ()  # stop tokens for generation besides the tokenizer's eos
 
 
 def _qwen_build(version: str):
@@ -342,17 +292,17 @@ _SMOL_GRID = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 _FAMILIES: dict[str, _Family] = {
     "qwen2_vl": _Family(
         "Qwen2VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2Tokenizer", True, [], _QWEN_NAMED,
-        _QWEN_TOKENS, lambda: _trl_template("qwen2_5_vl"), "<|im_start|>assistant\n", "<|im_end|>",
+        _QWEN_TOKENS, lambda: _trl_template("qwen2_5_vl"),
         _qwen_build("2"), "dynamic resolution: one token per 28x28 px, 4..16 tokens; M-RoPE; Conv3d patch embed",
     ),  # fmt: skip
     "qwen2_5_vl": _Family(
         "Qwen2_5_VLForConditionalGeneration", "Qwen2VLProcessor", "Qwen2Tokenizer", True, [], _QWEN_NAMED,
-        _QWEN_TOKENS, lambda: _trl_template("qwen2_5_vl"), "<|im_start|>assistant\n", "<|im_end|>",
+        _QWEN_TOKENS, lambda: _trl_template("qwen2_5_vl"),
         _qwen_build("2.5"), "as qwen2_vl plus windowed vision attention (window 112 px, block 1 full)",
     ),  # fmt: skip
     "qwen3_vl": _Family(
         "Qwen3VLForConditionalGeneration", "Qwen3VLProcessor", "Qwen2Tokenizer", True, [], _QWEN_NAMED,
-        _QWEN_TOKENS, lambda: _trl_template("qwen3_vl"), "<|im_start|>assistant\n", "<|im_end|>",
+        _QWEN_TOKENS, lambda: _trl_template("qwen3_vl"),
         _qwen_build("3"), "one token per 32x32 px (patch 16), 4..16 tokens; interleaved M-RoPE; DeepStack layer 0",
     ),  # fmt: skip
     "smolvlm": _Family(
@@ -361,37 +311,35 @@ _FAMILIES: dict[str, _Family] = {
              unk_token="<|endoftext|>"),
         ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>", "<global-img>",
          "<end_of_utterance>", *_SMOL_GRID],
-        lambda: _trl_template("smolvlm"), "Assistant:", "<end_of_utterance>", _smolvlm_build,
+        lambda: _trl_template("smolvlm"), _smolvlm_build,
         "SmolVLM layout: 64 px image, pixel shuffle 4, no image splitting; template drops string content",
     ),  # fmt: skip
     "gemma3": _Family(
         "Gemma3ForConditionalGeneration", "Gemma3Processor", "GemmaTokenizer", False, _GEMMA_CORE,
         dict(_GEMMA_NAMED, add_bos_token=True, boi_token="<start_of_image>", eoi_token="<end_of_image>",
              image_token="<image_soft_token>"),
-        ["<start_of_turn>", "<end_of_turn>"], lambda: _trl_template("gemma3"), "<start_of_turn>model\n",
-        "<end_of_turn>", _gemma3_build, "fixed 4 soft tokens per image (real: 256); SigLIP 56 px",
-        generation_eos=("<end_of_turn>",),
+        ["<start_of_turn>", "<end_of_turn>"], lambda: _trl_template("gemma3"), _gemma3_build,
+        "fixed 4 soft tokens per image (real: 256); SigLIP 56 px",
     ),  # fmt: skip
     "gemma4": _Family(
         "Gemma4ForConditionalGeneration", "Gemma4Processor", "GemmaTokenizer", False, _GEMMA_CORE,
         dict(_GEMMA_NAMED, **_GEMMA4_TOKENS, add_bos_token=False, extra_special_tokens=["<|video|>"]),
-        [], lambda: _trl_template("gemma4_v5"), "<|turn>model\n", "<turn|>", _gemma4_build,
+        [], lambda: _trl_template("gemma4_v5"), _gemma4_build,
         "clipped-linear vision tower, 4 px patches, max_soft_tokens 70 (64 tokens for a square image); "
-        "needs mm_token_type_ids", generation_eos=("<turn|>",),
+        "needs mm_token_type_ids",
     ),  # fmt: skip
     "llava": _Family(
         "LlavaForConditionalGeneration", "LlavaProcessor", "LlamaTokenizer", False, ["<unk>", "<s>", "</s>"],
         dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>", image_token="<image>",
              add_bos_token=True),
-        [], lambda: _LLAVA_TEMPLATE, "ASSISTANT:", "</s>", _llava_build,
+        [], lambda: _LLAVA_TEMPLATE, _llava_build,
         "LLaVA-1.5 layout: CLIP 28 px, 4 tokens; template ends assistant turns with </s>",
     ),  # fmt: skip
     "paligemma": _Family(
         # The detection/segmentation tokens are ordinary vocabulary pieces in the real tokenizer, not special ones.
         "PaliGemmaForConditionalGeneration", "PaliGemmaProcessor", "GemmaTokenizer", False,
         _GEMMA_CORE + [f"<loc{i:04d}>" for i in range(1024)] + [f"<seg{i:03d}>" for i in range(128)],
-        dict(_GEMMA_NAMED, add_bos_token=True, image_token="<image>"), [], lambda: None, "\n",
-        "<eos>", _paligemma_build,
+        dict(_GEMMA_NAMED, add_bos_token=True, image_token="<image>"), [], lambda: None, _paligemma_build,
         "PaliGemma 2 layout: no chat template (prompt/suffix API: processor(text, images, suffix=...)); 4 tokens",
     ),  # fmt: skip
 }
@@ -407,14 +355,15 @@ def _family(name: str) -> _Family:
 # --- build / cache ---------------------------------------------------------------------------------------------
 
 
-def _check_answer_words(tok, fam: _Family) -> None:
+def _check_answer_words(tok, family: Family) -> None:
     # A reply must be one token after the assistant marker (with or without a space) as well as after a space or a
     # newline elsewhere, or "did the model answer seven" checks break; fail the build rather than ship such a tokenizer.
     def encode(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
+    start = family.assistant_start or "\n"  # a prefix-LM (PaliGemma) answers after the prompt's "\n"
     for word in DIGIT_WORDS:
-        for prefix in (fam.assistant_start, fam.assistant_start + " ", "\n", "x "):
+        for prefix in (start, start + " ", "\n", "x "):
             ids, head = encode(prefix + word), encode(prefix.rstrip(" "))
             if ids[: len(head)] != head or len(ids) != len(head) + 1:
                 raise RuntimeError(f"{word!r} after {prefix!r} is not one token: {tok.convert_ids_to_tokens(ids)}")
@@ -428,7 +377,8 @@ def build_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0) -> pat
     fam = _family(family)
     out = pathlib.Path(out_dir)
     tok = _train_tokenizer(getattr(transformers, fam.tokenizer_class), fam.byte_level, fam.core, fam.named, fam.extra)
-    _check_answer_words(tok, fam)
+    chat = FAMILIES[family]  # markers and turn end: the same table training reads
+    _check_answer_words(tok, chat)
     tok.chat_template = fam.template()
 
     def tid(token: str) -> int:
@@ -453,7 +403,7 @@ def build_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0) -> pat
                 if p.dim() >= 2 and not p.any():
                     p.normal_(0.0, 0.02)
     gen = model.generation_config
-    gen.eos_token_id = [tid(tok.eos_token)] + [tid(t) for t in fam.generation_eos]
+    gen.eos_token_id = list(dict.fromkeys([tid(tok.eos_token), tid(chat.turn_end)]))  # stop at the end of a turn
     gen.pad_token_id = tok.pad_token_id
     if tok.bos_token is not None:
         gen.bos_token_id = tok.bos_token_id
@@ -463,48 +413,24 @@ def build_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0) -> pat
     return out
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
-    if cache_dir is None:
-        cache_dir = os.environ.get("VLMFIT_CACHE") or pathlib.Path.home() / ".cache" / "vlmfit"
-    return pathlib.Path(cache_dir) / "tiny"
-
-
 def tiny_path(family: str, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Directory of the cached tiny ``family`` model, built on first use (safe across concurrent processes)."""
     _family(family)
-    return cached_build(_cache_root(cache_dir) / f"{family}-v{TINY_VERSION}", lambda out: build_tiny(family, out))
-
-
-def cached_build(target: pathlib.Path, build) -> pathlib.Path:
-    """`target` once it holds a complete build (config.json); otherwise `build(tmp_dir)` and move it into place."""
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)  # atomic; fails if another process already put a complete build there
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(cache_root(cache_dir) / f"{family}-v{TINY_VERSION}", lambda out: build_tiny(family, out))
 
 
 def describe_tiny(family: str, cache_dir: str | os.PathLike | None = None) -> dict:
     """Short facts about a tiny family for a CLI listing (builds and caches it if needed)."""
     import numpy as np
-    import torch
     from PIL import Image
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
+
+    from vlmfit.models.meta import meta_model_of
 
     fam = _family(family)
     path = tiny_path(family, cache_dir)
     processor = AutoProcessor.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path))
+    model = meta_model_of(str(path))
 
     def image_tokens(height: int, width: int) -> int:
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What digit is this?"}]}]
@@ -524,7 +450,7 @@ def describe_tiny(family: str, cache_dir: str | os.PathLike | None = None) -> di
         "params": sum(p.numel() for p in model.parameters()),
         "image_tokens_28x28": image_tokens(28, 28),
         "image_tokens_224x224": image_tokens(224, 224),
-        "assistant_start": fam.assistant_start,
-        "end_of_turn": fam.end_of_turn,
+        "assistant_start": FAMILIES[family].assistant_start,
+        "end_of_turn": FAMILIES[family].turn_end,
         "note": fam.note,
     }

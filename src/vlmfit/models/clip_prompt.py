@@ -1,6 +1,7 @@
-"""CLIP prompt tuning (the CoOp setting) as a target for forward-only training: learnable context vectors in front
-of the class names in the text encoder, optionally reached through a fixed random projection from a low intrinsic
-dimension. Image features are computed once; a whole CMA-ES population is scored in one text-encoder forward."""
+"""A CLIP classifier with a tunable prompt (the CoOp setting): learnable context vectors in front of the class names
+in the text encoder, optionally reached through a fixed random projection from a low intrinsic dimension. Image
+features are computed once; a whole population of prompts is scored in one text-encoder forward. Forward-only
+training tunes it (train/zo_targets.py) and `vlmfit eval` scores a run's saved prompt with it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from vlmfit.errors import UserError
 
 
-class PromptTarget:
+class ClipPrompt:
     """Tuned parameters `params` (one tensor: w in R^intrinsic_dim, or the context vectors themselves) and their
     loss on cached image features; `batches` / `loss` / `population_losses` / `accuracy` are what train/zo.py uses."""
 
@@ -152,18 +153,14 @@ class PromptTarget:
     def evaluate(self) -> dict:
         return {"n": self.n_test, "labels": self.class_names, "constrained": {"accuracy": self.accuracy()}}
 
-    def save(self, out) -> str:
-        """The final context vectors (what a user needs to classify with this prompt) and how to use them."""
-        import json
+    def info(self) -> dict:
+        """How to use the saved context vectors (the run directory's prompt.json)."""
+        return {"context_tokens": self.n_ctx, "initialised_from": self.ctx_init, "class_names": self.class_names,
+                "prompt": "[context vectors] {class}.", "tensor": "context [n_ctx, hidden] replaces the init words' embeddings"}
 
-        from safetensors.torch import save_file
-
-        save_file({"context": self.context_vectors().cpu().contiguous()}, str(out / "prompt.safetensors"))
-        (out / "prompt.json").write_text(json.dumps({
-            "context_tokens": self.n_ctx, "initialised_from": self.ctx_init, "class_names": self.class_names,
-            "prompt": "[context vectors] {class}.", "tensor": "context [n_ctx, hidden] replaces the init words' embeddings",
-        }, indent=2) + "\n")
-        return "prompt.safetensors"
+    def set_context(self, ctx: torch.Tensor) -> None:
+        """Use these context vectors [n_ctx, hidden] as they are (a saved prompt): no projection any more."""
+        self.A, self.params = None, [ctx.to(self.device)]
 
     @torch.no_grad()
     def accuracy(self, split: str = "test", theta: torch.Tensor | None = None) -> float:

@@ -1,0 +1,50 @@
+"""The max_length policy, applied before training starts: measure every example, then drop the overlong ones
+(counted, with reasons) or check that truncating them cuts only text and keeps part of the answer."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from vlmfit.config import RunConfig
+from vlmfit.errors import UserError
+
+
+def apply_length_policy(train_ds, collator, cfg: RunConfig, console: Console):
+    """(the training examples to use, the policy's report for the run summary). `collator` is a VisionChatCollator
+    or a PreferenceCollator (both measure examples untruncated). Fails before training, not during."""
+    limit = cfg.train.max_length
+    if limit is None:
+        return train_ds, {"limit": None}
+    with console.status(f"measuring {len(train_ds)} examples against max_length={limit}"):
+        stats = collator.measure([train_ds[i] for i in range(len(train_ds))], cfg.train.batch_size)
+    over = [i for i, s in enumerate(stats) if s["length"] > limit]
+    report = {"limit": limit, "policy": cfg.train.overlong, "overlong": len(over), "longest": max(s["length"] for s in stats)}
+    if not over:
+        return train_ds, report
+    if cfg.train.overlong == "drop":
+        keep = sorted(set(range(len(train_ds))) - set(over))
+        report["dropped"] = len(over)
+        report["dropped_rows"] = [{"row": i, "reason": f"{stats[i]['length']} tokens > max_length {limit}"} for i in over[:100]]
+        console.print(f"[yellow]dropped {len(over)} of {len(train_ds)} examples longer than max_length={limit}[/]")
+        if not keep:
+            raise UserError(f"every training example is longer than max_length={limit}", where="train.max_length")
+        return train_ds.select(sorted(keep)), report
+    bad = [i for i in over if stats[i]["media_end"] > limit]
+    if bad:
+        raise UserError(
+            f"{len(bad)} training examples would be truncated through an image at max_length={limit} "
+            f"(rows {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}; longest {report['longest']} tokens)",
+            where="train.max_length",
+            hint="raise train.max_length (or set it to null), lower the image resolution, or set train.overlong: drop",
+        )
+    lost = [i for i in over if stats[i]["first_trained"] >= limit]
+    if lost:
+        raise UserError(
+            f"{len(lost)} training examples would lose their whole answer when truncated at max_length={limit} "
+            f"(rows {', '.join(map(str, lost[:10]))})",
+            where="train.max_length",
+            hint="raise train.max_length or set train.overlong: drop",
+        )
+    report["truncated"] = len(over)
+    console.print(f"[yellow]{len(over)} examples will be truncated to {limit} tokens (inside text only)[/]")
+    return train_ds, report

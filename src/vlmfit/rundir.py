@@ -1,0 +1,249 @@
+"""The run directory, and the one module that knows its layout: create it, log into it, save what a run trained
+(full weights, a LoRA adapter, CLIP prompt vectors) and load it back, for every method, plus the typed run summary
+the report reads. Nothing else in vlmfit builds a path inside a run directory."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from vlmfit.config import RunConfig, load_config
+from vlmfit.errors import UserError
+
+# Layout: every name inside a run directory.
+CONFIG = "config.yaml"  # the resolved recipe (every default filled in)
+ENVIRONMENT = "environment.json"
+METRICS = "metrics.jsonl"  # one record per logging step (or per evaluation, for method zo)
+SUMMARY = "summary.json"  # RunSummary
+EVAL_BEFORE = "eval_before.json"
+EVAL_AFTER = "eval_after.json"
+LORA_TARGETS = "lora_targets.json"
+LOSS_PLOT = "loss.png"
+REPORT = "report.md"
+CHECKPOINTS = "checkpoints"  # the Trainer's output_dir
+PROCESSOR = "processor"  # the processor the run trained with (resolution caps applied)
+MODEL = "model"  # full weights (full fine-tuning, or a merged DPO policy), with the processor: loads as is
+ADAPTER = "adapter"  # a PEFT adapter on the base model of config.yaml
+PROMPT = "prompt.safetensors"  # CLIP prompt tuning: the context vectors
+PROMPT_INFO = "prompt.json"
+
+PACKAGES = ("vlmfit", "torch", "torchvision", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "bitsandbytes")
+
+
+def environment() -> dict:
+    """Package versions, hardware and git commit: enough to reproduce (or explain) a run."""
+    import psutil
+    import torch
+
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "packages": versions,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": psutil.cpu_count(logical=True),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpus": gpus,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "git_commit": commit,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@dataclass
+class RunSummary:
+    """What every method reports about its run (summary.json). `lengths` is the max_length policy's report (None
+    when the method never truncates); `dpo` / `zo` are the method's own facts."""
+
+    method: str
+    steps: int
+    train_seconds: float
+    final_loss: float
+    trainable_params: int
+    total_params: int
+    train_examples: int
+    test_examples: int
+    weights: str  # what was saved, in words ("adapter/", "model/", "prompt.safetensors", "not saved ...")
+    label_method: str  # how the loss positions were found, in words
+    lengths: dict | None = None
+    dpo: dict | None = None
+    zo: dict | None = None
+    peak_memory_bytes: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunSummary":
+        return cls(**d)
+
+
+@dataclass
+class Trained:
+    """What a run trained, loaded back: `model` is the full model, the base with the PEFT adapter, or (kind
+    "prompt") the CLIP model whose prompt is `prompt` ({"context": [n_ctx, hidden] tensor, **prompt.json})."""
+
+    kind: str  # "model" | "adapter" | "prompt"
+    model: object
+    processor: object
+    family: object | None  # vlmfit.models.families.Family (None for a CLIP dual encoder)
+    config: RunConfig
+    prompt: dict | None = field(default=None, repr=False)
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    # -- create / open ----------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg: RunConfig) -> "RunDir":
+        name = cfg.output.name or "{}-{}-{}".format(
+            cfg.model.name.replace(":", "-").replace("/", "-"), cfg.method, _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        )
+        path = Path(cfg.output.dir) / name
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"run directory '{path}' already exists and is not empty", where="output.name",
+                            hint="choose another output.name or leave it unset for a timestamped name")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        (path / CONFIG).write_text(cfg.to_yaml())
+        run.write_json(ENVIRONMENT, environment())
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path, where: str | None = None) -> "RunDir":
+        """An existing run directory; a UserError if `path` is not one."""
+        p = Path(path)
+        if not (p / CONFIG).is_file():
+            raise UserError(f"not a run directory (no {CONFIG})", where=where or str(p),
+                            hint="give a directory written by `vlmfit train`, e.g. runs/<name>")
+        return cls(p)
+
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
+
+    def config(self, overrides: list[str] | None = None) -> RunConfig:
+        return load_config(self.path / CONFIG, overrides)
+
+    # -- records ----------------------------------------------------------------------------------------------
+    def write_json(self, name: str, obj) -> Path:
+        p = self.path / name
+        p.write_text(json.dumps(obj, indent=2) + "\n")
+        return p
+
+    def read_json(self, name: str):
+        p = self.path / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    def log_metrics(self, record: dict) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        p = self.path / METRICS
+        return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+
+    def write_summary(self, summary: RunSummary) -> Path:
+        return self.write_json(SUMMARY, asdict(summary))
+
+    def summary(self) -> RunSummary:
+        d = self.read_json(SUMMARY)
+        if d is None:
+            raise UserError(f"the run has no {SUMMARY}: it did not finish", where=str(self.path))
+        return RunSummary.from_dict(d)
+
+    def write_eval(self, when: str, result: dict) -> Path:
+        """when: "before" or "after" training; a later `vlmfit eval` gets a timestamped file of its own."""
+        name = {"before": EVAL_BEFORE, "after": EVAL_AFTER}.get(when) or f"eval_{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+        return self.write_json(name, result)
+
+    def evals(self) -> tuple[dict | None, dict | None]:
+        return self.read_json(EVAL_BEFORE), self.read_json(EVAL_AFTER)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def drop_empty_checkpoints(self) -> None:
+        """The Trainer makes its output_dir even with save_strategy "no": don't leave an empty folder in the run."""
+        if self.checkpoints.is_dir() and not any(self.checkpoints.iterdir()):
+            self.checkpoints.rmdir()
+
+    # -- what the run trained -----------------------------------------------------------------------------------
+    def save_processor(self, processor) -> None:
+        processor.save_pretrained(self.path / PROCESSOR)
+
+    def save_model(self, model, processor) -> str:
+        """Full weights (safetensors) with the processor beside them: the directory loads with from_pretrained."""
+        model.save_pretrained(self.path / MODEL)
+        processor.save_pretrained(self.path / MODEL)
+        return f"{MODEL}/"
+
+    def save_adapter(self, model, adapters: list[str] | None = None) -> str:
+        """The PEFT adapter(s) of `model` (PEFT format, safetensors); `adapters` selects which (DPO leaves out
+        TRL's frozen 'ref' copy)."""
+        model.save_pretrained(self.path / ADAPTER, **({"selected_adapters": adapters} if adapters else {}))
+        return f"{ADAPTER}/"
+
+    def save_prompt(self, context, info: dict) -> str:
+        """CLIP prompt tuning: the context vectors [n_ctx, hidden] and how to use them (prompt.json)."""
+        from safetensors.torch import save_file
+
+        save_file({"context": context.detach().cpu().contiguous()}, str(self.path / PROMPT))
+        (self.path / PROMPT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        return PROMPT
+
+    def weights_path(self, kind: str) -> Path:
+        """Where the run keeps what it trained of this kind ("model", "adapter", "prompt")."""
+        return self.path / {"model": MODEL, "adapter": ADAPTER, "prompt": PROMPT}[kind]
+
+    def trained_kind(self) -> str | None:
+        """Which weights the run left: "model" (wins when both exist: DPO's merged policy), "adapter", "prompt"."""
+        for kind, name in (("model", MODEL), ("adapter", ADAPTER), ("prompt", PROMPT)):
+            if (self.path / name).exists():
+                return kind
+        return None
+
+    def load_trained(self, *, dtype: str | None = None, trainable: bool = False) -> Trained:
+        """Load what the run trained, as it was trained: full weights; the base model of config.yaml (quantized as
+        the run had it) with the adapter on top; or the CLIP model with the tuned prompt vectors."""
+        cfg = self.config()
+        kind = self.trained_kind()
+        dtype = dtype or cfg.model.dtype
+        if kind is None:
+            raise UserError(f"the run directory has no saved weights ({MODEL}/, {ADAPTER}/ or {PROMPT})", where=str(self.path),
+                            hint="was it trained with output.save_model: false? train it again with weights saved")
+        if kind == "prompt":
+            from safetensors.torch import load_file
+
+            from vlmfit.models.load import load_dual_encoder
+
+            model, processor = load_dual_encoder(cfg.model.name, cfg.model.revision, dtype)
+            info = json.loads((self.path / PROMPT_INFO).read_text())
+            ctx = load_file(str(self.path / PROMPT))["context"].to(next(model.parameters()).device)
+            return Trained(kind, model, processor, None, cfg, {"context": ctx, **info})
+        from vlmfit.models.load import load, load_processor
+
+        if kind == "model":
+            loaded = load(str(self.path / MODEL), dtype)
+            return Trained(kind, loaded.model, loaded.processor, loaded.family, cfg)
+        from peft import PeftModel
+
+        quantization = "4bit" if cfg.method == "qlora" else cfg.model.quantization
+        loaded = load(cfg.model.name, dtype, cfg.model.revision, cfg.model, quantization)
+        model = PeftModel.from_pretrained(loaded.model, str(self.path / ADAPTER), is_trainable=trainable)
+        processor = load_processor(str(self.path / PROCESSOR)) if (self.path / PROCESSOR).is_dir() else loaded.processor
+        return Trained(kind, model, processor, loaded.family, cfg)
