@@ -8,12 +8,12 @@ PY      = $(VENV)/bin/python
 setup: $(VENV)/.installed
 
 # torch and torchvision are installed first, pinned, by pip (which finds this machine's local wheels);
-# then vlmfit and its pinned Hugging Face stack.
-$(VENV)/.installed: pyproject.toml
+# then vlmfit and every dependency at the exact version CI tested (constraints.txt).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: setup

@@ -221,5 +221,11 @@ def test_qlora_dpo_trains_adapters_on_a_4bit_base(tmp_path, digits):
     trainer.train()
     assert "adapter disabled" in reference
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if n in before)
+    # The whole recipe, evaluating before training (the default): the evaluation must leave the 4-bit layers
+    # trainable (bitsandbytes' CPU kernel swap in eval mode broke the first training step after it).
+    run = train_dpo(dpo_cfg(tmp_path, digits, **{"model.quantization": "4bit", "train.max_steps": 2, "output.name": "q"}), QUIET)
+    before_ev, after_ev = (json.loads((run / f).read_text()) for f in ("eval_before.json", "eval_after.json"))
+    assert before_ev["preference"]["reward_accuracy"] == 0.5  # policy == reference before training: all ties
+    assert after_ev["preference"]["reward_margin"] != 0.0 and json.loads((run / "summary.json").read_text())["steps"] == 2
     with pytest.raises(UserError, match="cannot be trained in full"):
         train_dpo(dpo_cfg(tmp_path, digits, **{"model.quantization": "4bit", "dpo.tuning": "full"}), QUIET)

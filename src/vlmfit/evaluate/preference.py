@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from vlmfit.evaluate.classification import sequence_logprobs
+from vlmfit.evaluate.classification import eval_mode, sequence_logprobs
 from vlmfit.chat.collate import IGNORE_INDEX
 
 
@@ -66,7 +66,7 @@ def evaluate_preference(model, pair_collator, dataset, beta: float, ref_model=No
     e.g. the kind of rejected answer) adds a breakdown.
     """
     was_training = model.training
-    model.eval()
+    eval_mode(model)  # not model.eval(): bitsandbytes' CPU 4-bit layers must stay in training mode (see eval_mode)
     pairs = [dataset[i] for i in range(len(dataset))]
     t0 = time.perf_counter()
     try:

@@ -1,0 +1,113 @@
+"""The CLI as a user types it: typos, missing arguments, bad recipes. Run in process (vlmfit.cli.main with argv),
+plus one real subprocess smoke test of the installed entry point."""
+
+import subprocess
+import sys
+
+import pytest
+
+from vlmfit import cli
+from vlmfit.config import load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture
+def vlmfit(monkeypatch, capsys):
+    """vlmfit(*args) -> (exit code, stdout, stderr) of `vlmfit ARGS`, in this process."""
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["vlmfit", *map(str, args)])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["trian", "x.yaml"], "Did you mean 'train'"),
+    (["train"], "Missing argument"),
+    (["plan", "--method", "lora"], "No such option: --method"),
+    (["eval"], "Missing argument"),
+    (["prepare", "x", "--tsk", "vqa"], "No such option: --tsk"),
+])
+def test_usage_errors_are_one_clear_message_and_exit_2(vlmfit, args, expect):
+    code, out, err = vlmfit(*args)
+    assert code == 2 and expect in err and "Traceback" not in out + err, err
+
+
+@pytest.mark.parametrize(
+    "recipe, expect",
+    [
+        ("model: {name: tiny:qwen2_vl}\ntrain: {epoch: 1}\n", "did you mean 'epochs'"),
+        ("model: {name: tiny:qwen2_vl}\ntrain: {lr: fast}\n", "train.lr"),
+        ("model: {name: ./no/such/model}\n", "does not exist"),
+        ("model: {name: tiny:qwen2-vl}\n", "did you mean 'tiny:qwen2_vl'"),
+        ("model: {name: tiny:qwen2_vl}\ndata: {source: builtin:mnits}\n", "did you mean 'builtin:mnist'"),
+    ],
+)
+def test_recipe_errors_exit_2_without_traceback(vlmfit, tmp_path, recipe, expect):
+    code, out, err = vlmfit("train", write(tmp_path, recipe), "--set", f"output.dir={tmp_path}")
+    assert code == 2 and expect in err and "Traceback" not in out + err, err
+
+
+def test_missing_recipe_and_help(vlmfit, tmp_path):
+    code, _, err = vlmfit("train", tmp_path / "nope.yaml")
+    assert code == 2 and "recipe file not found" in err and "Traceback" not in err
+    for cmd in ("train", "eval", "demo", "models", "plan", "doctor", "prepare"):
+        code, out, _ = vlmfit(cmd, "--help")
+        assert code == 0 and "Usage" in out
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "dpo", "zo"])
+def test_a_wrong_model_fails_before_any_data_is_touched(vlmfit, tmp_path, method):
+    # The data source does not exist either: the error must be about the model, found first, for every recipe kind.
+    recipe = write(tmp_path, f"model: {{name: tiny:qwen2-vl}}\nmethod: {method}\ndata: {{source: {tmp_path}/missing.jsonl}}\n")
+    code, _, err = vlmfit("train", recipe, "--set", f"output.dir={tmp_path}")
+    assert code == 2 and "did you mean 'tiny:qwen2_vl'" in err and "missing.jsonl" not in err, err
+
+
+def test_recipes_fail_fast_through_the_python_api_too(tmp_path):
+    from vlmfit.errors import UserError
+    from vlmfit.train.dpo import train_dpo
+    from vlmfit.train.sft import train_sft
+    from vlmfit.train.zo import train_zo
+
+    for train, method in ((train_sft, "lora"), (train_dpo, "dpo"), (train_zo, "zo")):
+        cfg = load_config(base={"model": {"name": "./no/such/model"}, "method": method,
+                                "data": {"source": str(tmp_path / "missing.jsonl")}, "output": {"dir": str(tmp_path)}})
+        with pytest.raises(UserError, match="does not exist") as e:
+            train(cfg)
+        assert e.value.where == "model.name"
+
+
+def test_models_never_cuts_the_names_users_type(vlmfit, monkeypatch):
+    from rich.console import Console
+
+    from vlmfit.models.tiny import TINY_FAMILIES
+
+    for width in (80, 60):
+        monkeypatch.setattr(cli, "console", Console(width=width, force_terminal=False, color_system=None))
+        code, out, _ = vlmfit("models")
+        assert code == 0
+        for name in (*TINY_FAMILIES, "clip"):
+            assert f"tiny:{name} " in out, (width, name, out)  # whole, on one line (a cut one ends in "…")
+
+
+def test_installed_entry_point_smoke(tmp_path):
+    """The real `vlmfit` process: a typo'd verb and a missing recipe are one message and exit 2, with no traceback and
+    no library noise (bitsandbytes' optional-kernel notice) in the user's terminal."""
+    exe = [sys.executable, "-m", "vlmfit.cli"]
+    for args, expect in ((["trian", "x.yaml"], "Did you mean 'train'"), (["train", str(tmp_path / "nope.yaml")], "not found")):
+        r = subprocess.run(exe + args, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and expect in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "kernels" not in r.stderr + r.stdout, r.stderr
