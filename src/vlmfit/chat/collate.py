@@ -7,6 +7,7 @@ tokens as the image has features (a count that varies per image), so the mask li
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -72,6 +73,10 @@ class VisionChatCollator:
         self.start_patterns = sorted((v for v in variants if v), key=len, reverse=True)
         media = [family.image_token] + ([family.video_token] if family.video_token else [])
         self.media_ids = {tok.convert_tokens_to_ids(t) for t in media} - {tok.unk_token_id, None}
+        # Text that the tokenizer would read as one of its special tokens (turn markers, image placeholders, ...):
+        # inside a message it would silently change the conversation's structure, so it is refused (check_content).
+        specials = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        self._special_text = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
 
     # -- rendering --------------------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -124,10 +129,27 @@ class VisionChatCollator:
         return {"videos": videos, "video_metadata": metas, "do_sample_frames": False}
 
     # -- labels -----------------------------------------------------------------------------------------------
-    def assistant_mask(self, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Marker method: True from after each assistant start marker through its end-of-turn token."""
+    def check_content(self, example: dict, where: str) -> None:
+        """No message may contain text the tokenizer turns into a special token (e.g. a scraped '<|im_end|>')."""
+        if self._special_text is None:
+            return
+        for i, m in enumerate(example["messages"]):
+            found = self._special_text.search(message_text(m))
+            if found:
+                raise UserError(
+                    f"message {i} ({m['role']}) contains {found.group()!r}, a special token of the {self.family.name} "
+                    "tokenizer: as text it would be read as that token and change the conversation's structure",
+                    where=where, hint="remove it from the data, or break it up (e.g. '<|im_end|>' -> '< |im_end|>') if it "
+                    "must stay as text")
+
+    def assistant_mask(self, ids: np.ndarray, valid: np.ndarray, replies: int | None = None) -> np.ndarray | None:
+        """Marker method: True from after each assistant start marker through its end-of-turn token. With `replies`
+        (the conversation's number of assistant turns), None unless the markers found are exactly that many: a
+        plain-text marker ('Assistant:') quoted inside any message makes the markers ambiguous."""
         mask = np.zeros(len(ids), dtype=bool)
-        starts = sorted({s + len(p) for p in self.start_patterns for s in _find_all(ids, p)})
+        starts = sorted({s + len(p) for p in self.start_patterns for s in _find_all(ids, p) if valid[s]})
+        if replies is not None and len(starts) != replies:
+            return None
         ends = np.flatnonzero(ids == self.turn_end_id)
         for s in starts:
             after = ends[ends >= s]
@@ -166,6 +188,7 @@ class VisionChatCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         for i, ex in enumerate(examples):
             check_chat_example(ex, where=f"example {ex.get('_row', i)}")
+            self.check_content(ex, where=f"example {ex.get('_row', i)}")
         images = [list(ex.get("images") or []) for ex in examples]
         if self.label_method == "suffix":
             answers = [message_text(prompt_and_answer(ex["messages"])[1]) for ex in examples]
@@ -183,7 +206,7 @@ class VisionChatCollator:
         elif self.label_method == "prefix":
             keep = np.stack([self.prefix_mask(ex, ids_np[r], valid[r]) for r, ex in enumerate(examples)])
         else:
-            keep = np.stack([self.assistant_mask(ids_np[r], valid[r]) for r in range(len(examples))])
+            keep = np.stack([self._reply_mask(ex, ids_np[r], valid[r]) for r, ex in enumerate(examples)])
         for r in range(len(examples)):
             if not keep[r].any():
                 raise UserError(
@@ -198,6 +221,13 @@ class VisionChatCollator:
         if self.max_length is not None and input_ids.shape[1] > self.max_length:
             batch = self._truncate(batch, media, examples)
         return batch
+
+    def _reply_mask(self, example: dict, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """The replies of the conversation's assistant turns: by their markers when these are exactly one per
+        assistant turn (the fast path), else by rendering the conversation turn by turn (its structure)."""
+        replies = sum(m["role"] == "assistant" for m in example["messages"])
+        mask = self.assistant_mask(ids, valid, replies)
+        return self.prefix_mask(example, ids, valid) if mask is None else mask
 
     def measure(self, examples: list[dict], batch_size: int = 32) -> list[dict]:
         """Per example, untruncated: token length, the position just after its last image token, and the
