@@ -16,23 +16,6 @@ def write(tmp_path, text):
     return p
 
 
-@pytest.fixture
-def vlmfit(monkeypatch, capsys):
-    """vlmfit(*args) -> (exit code, stdout, stderr) of `vlmfit ARGS`, in this process."""
-
-    def run(*args):
-        monkeypatch.setattr(sys, "argv", ["vlmfit", *map(str, args)])
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
-
-
 @pytest.mark.parametrize("args, expect", [
     (["trian", "x.yaml"], "Did you mean 'train'"),
     (["train"], "Missing argument"),

@@ -90,7 +90,11 @@ def test_short_full_sft_run_lowers_loss_and_writes_run_dir(tmp_path):
     losses = logged_losses(run)
     assert len(losses) == 6 and losses[-1] < 0.5 * losses[0]
     env = json.loads((run / "environment.json").read_text())
-    assert env["packages"]["transformers"] and env["packages"]["torch"] and env["cpu_count"] >= 1
+    import psutil
+    import transformers
+
+    assert env["packages"]["transformers"] == transformers.__version__ and env["packages"]["torch"] == torch.__version__
+    assert env["cpu_count"] == psutil.cpu_count(logical=True) and env["python"] == sys.version.split()[0]
     assert load_config(run / "config.yaml") == cfg  # the resolved config round-trips
     again, after = eval_again(run), json.loads((run / "eval_after.json").read_text())
     for mode in ("constrained", "generate"):

@@ -126,7 +126,8 @@ _QWEN = dict(
     vision_prefixes=("model.visual.",),
     projector_prefixes=("model.visual.merger.", "model.visual.deepstack_merger_list."),
     language_prefixes=("model.language_model.",),
-    required_inputs=("pixel_values", "image_grid_thw"),
+    # mm_token_type_ids: without it M-RoPE cannot place the image tokens (transformers raises for Qwen2-VL and up)
+    required_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
     resolution="pixels",
     resolution_caps=(1003520, 602112, 401408, 200704, 100352),  # 1280 / 768 / 512 / 256 / 128 tokens
     image_features=_qwen_features,
