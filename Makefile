@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo test test-slow gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# On a CUDA machine: the gpu-marked tests (bf16 SFT, QLoRA, DPO, zo, plan vs measured), figures in gpu-check.json.
+gpu-check: setup
+	$(PY) -m pytest -m gpu -p no:cacheprovider -o addopts='' -q --timeout 480 tests/test_gpu.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The suite's tiny CLIP is pretrained for 1,500 steps instead of 3,000 (its own cache folder): ~70 s to build cold
+# instead of ~135 s; 0.75 upright zero-shot accuracy instead of 0.92 (chance 0.10).
+os.environ.setdefault("VLMFIT_TINY_CLIP_STEPS", "1500")
 
 
 import sys  # noqa: E402

@@ -100,3 +100,28 @@ def test_resolution_cap_bounds_image_tokens():
     assert n == [16, 4]
     with pytest.raises(Exception, match="max_soft_tokens"):
         load("tiny:qwen2_vl", model_cfg=load_config(base={"model": {"name": "x", "max_soft_tokens": 70}}).model)
+
+
+def test_checkpointing_keeps_a_frozen_vision_tower_out_of_autograd():
+    """LoRA on the language model with checkpointing: the frozen vision tower's patch embedding output must not
+    require grad (transformers' and PEFT's input-grad hooks made it, so the whole tower kept its activations), and
+    the adapters' gradients are those of the un-checkpointed model."""
+    from vlmfit.models.targets import make_trainable
+
+    lora = load_config(base={"model": {"name": "tiny:qwen2_vl"}, "method": "lora", "lora": {"dropout": 0.0}}).lora
+    grads = {}
+    for parts in ((), ("language",), ("language", "vision")):
+        loaded = load("tiny:qwen2_vl")
+        torch.manual_seed(0)  # the same LoRA initialisation (lora_A is random) for every variant
+        model, _ = make_trainable(loaded.model, loaded.family, "lora", lora)
+        enable_checkpointing(model, loaded.family, list(parts))
+        seen = []
+        model.get_submodule("base_model.model.model.visual.patch_embed").register_forward_hook(
+            lambda m, i, out: seen.append(out.requires_grad))
+        batch = VisionChatCollator(loaded.processor, loaded.family)([chat_example("q?", "one", [digit_image(0)])])
+        model.train()
+        model(**batch).loss.backward()
+        assert seen == [False], parts
+        grads[parts] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for parts, g in grads.items():
+        assert g.keys() == grads[()].keys() and all(torch.allclose(g[n], grads[()][n], atol=1e-6) for n in g), parts

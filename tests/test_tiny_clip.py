@@ -65,9 +65,9 @@ def test_zero_shot_on_upright_test_digits(loaded, mnist):
     model, processor = loaded
     test = mnist["test"]
     images, labels = [row[0] for row in test["images"]], test["label"]
-    # Measured 0.90 (seed 0); chance is 0.10.
+    # Measured (seed 0): 0.92 after the users' 3,000 pretraining steps, 0.75 after the suite's 1,500; chance is 0.10.
     acc = tiny_clip.zero_shot_accuracy(model, processor, images, labels, tiny_clip.DIGIT_WORDS, tiny_clip.TEMPLATES[0])
-    assert acc >= 0.75
+    assert acc >= (0.85 if tiny_clip.pretraining_steps() >= 3000 else 0.65)
 
 
 def test_mnist_inverted_is_mnist_with_inverted_pixels(mnist):

@@ -2,7 +2,6 @@
 complete run directory, and `vlmfit eval` on that directory reproduces the recorded accuracy."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -74,14 +73,14 @@ def logged_losses(run):
     return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
-def eval_again(run):
-    """`vlmfit eval RUN_DIR` in a fresh process: reloads the saved weights and re-scores the test split."""
-    r = subprocess.run([sys.executable, "-m", "vlmfit.cli", "eval", str(run)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+def eval_again(vlmfit, run):
+    """`vlmfit eval RUN_DIR`: reloads the saved weights from disk and re-scores the test split."""
+    code, _, err = vlmfit("eval", run)
+    assert code == 0, err
     return json.loads(sorted(run.glob("eval_2*.json"))[-1].read_text())
 
 
-def test_short_full_sft_run_lowers_loss_and_writes_run_dir(tmp_path):
+def test_short_full_sft_run_lowers_loss_and_writes_run_dir(tmp_path, vlmfit):
     cfg = cfg_for(tmp_path, "qwen2_vl", "full", **{"train.max_steps": 30, "train.batch_size": 8, "data.train_limit": 240,
                                                    "train.lr": 3e-3, "train.logging_steps": 5, "output.name": "run"})
     run = train_sft(cfg, QUIET)
@@ -93,15 +92,17 @@ def test_short_full_sft_run_lowers_loss_and_writes_run_dir(tmp_path):
     import psutil
     import transformers
 
-    assert env["packages"]["transformers"] == transformers.__version__ and env["packages"]["torch"] == torch.__version__
+    from importlib.metadata import version
+
+    assert env["packages"]["transformers"] == transformers.__version__ and env["packages"]["torch"] == version("torch")
     assert env["cpu_count"] == psutil.cpu_count(logical=True) and env["python"] == sys.version.split()[0]
     assert load_config(run / "config.yaml") == cfg  # the resolved config round-trips
-    again, after = eval_again(run), json.loads((run / "eval_after.json").read_text())
+    again, after = eval_again(vlmfit, run), json.loads((run / "eval_after.json").read_text())
     for mode in ("constrained", "generate"):
         assert again[mode]["accuracy"] == after[mode]["accuracy"]
 
 
-def test_lora_run_saves_adapter_that_reloads(tmp_path):
+def test_lora_run_saves_adapter_that_reloads(tmp_path, vlmfit):
     cfg = cfg_for(tmp_path, "smolvlm", "lora", **{"train.max_steps": 12, "train.batch_size": 4, "data.train_limit": 48,
                                                   "train.lr": 2e-2, "train.logging_steps": 3, "output.name": "run"})
     run = train_sft(cfg, QUIET)
@@ -110,7 +111,7 @@ def test_lora_run_saves_adapter_that_reloads(tmp_path):
     assert not (run / "model").exists()  # LoRA runs ship the adapter, not a copy of the base weights
     losses = logged_losses(run)
     assert losses[-1] < losses[0]
-    again, after = eval_again(run), json.loads((run / "eval_after.json").read_text())
+    again, after = eval_again(vlmfit, run), json.loads((run / "eval_after.json").read_text())
     # Base + saved adapter, reloaded in a new process, scores exactly as the in-memory model did after training.
     assert again["constrained"] == {**after["constrained"], "seconds": again["constrained"]["seconds"]}
     assert again["generate"]["samples"] == after["generate"]["samples"]

@@ -38,10 +38,10 @@ def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the 
     from vlmfit.train.sft import train_sft
 
     cfg = load_config(_recipe_path(recipe), set)
-    from vlmfit.models.load import check_model
+    from vlmfit.models.load import check_model, is_dual_encoder
 
-    check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo")  # fail fast: before plans and data
-    if cfg.method != "zo":  # forward-only training needs inference memory; the planner models backprop
+    _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo")  # fail fast: before data
+    if not is_dual_encoder(model_type):  # the planner models generative VLMs (a CLIP prompt run needs inference memory)
         preflight(cfg, console, force)  # on a GPU: refuse a run predicted not to fit, with the breakdown and the fix
     if cfg.method == "zo":
         from vlmfit.train.zo import train_zo
@@ -150,7 +150,7 @@ def plan(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe; or o
 @app.command()
 def models():
     """List the tiny offline models (use them as model.name: tiny:<family>)."""
-    from vlmfit.models.tiny import CLIP_NAME, TINY_FAMILIES, cache_root, describe_tiny
+    from vlmfit.models.tiny import TINY_FAMILIES, cache_root, clip_name, describe_tiny
 
     table = Table(title="tiny offline models (random init, real transformers classes and processors)")
     names = [f"tiny:{fam}" for fam in (*TINY_FAMILIES, "clip")]
@@ -161,7 +161,7 @@ def models():
     for fam in TINY_FAMILIES:
         d = describe_tiny(fam)
         table.add_row(f"tiny:{fam}", d.get("model_class", ""), d.get("processor_class", ""), f"{d.get('params', 0):,}", d.get("note", ""))
-    card = cache_root(None) / CLIP_NAME / "clip_card.json"
+    card = cache_root(None) / clip_name() / "clip_card.json"
     params = f"{json.loads(card.read_text())['params']:,}" if card.is_file() else "(built on first use, ~2 min)"
     table.add_row("tiny:clip", "CLIPModel", "CLIPProcessor", params,
                   "dual encoder pretrained on upright digits: prompt tuning (method zo)")

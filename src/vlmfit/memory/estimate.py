@@ -19,8 +19,8 @@ Facts HF Trainer/PEFT/bitsandbytes set, as this estimate assumes them:
 - "adamw" is HF's adamw_torch: torch.optim.AdamW with its default implementation, foreach on CUDA (the step
   allocates one copy of the second-moment state for its square root) and a per-tensor loop on the CPU (two
   temporaries the size of the largest trained tensor).
-- With gradient checkpointing vlmfit calls enable_input_require_grads, which makes every sub-model's input
-  require grad: a frozen vision tower then keeps its activations (see _part_modes).
+- vlmfit checkpoints non-reentrantly and removes the input-grad hooks transformers and PEFT add, so a frozen
+  vision tower keeps no activations (PlanInputs.input_grads plans tools that keep the hooks; see _part_modes).
 - Attention is sdpa/flash (no s x s matrix). On CUDA with batch > 1 a padding mask is assumed, under which
   transformers repeats K/V to every head before sdpa. Projector activations (one small MLP) are not counted.
 """
@@ -43,7 +43,7 @@ STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
 class PlanInputs:
     """Everything the estimate depends on; `inputs_from_config` fills it from a recipe."""
 
-    method: str = "lora"  # full | lora | qlora (dpo resolves to its tuning, with a doubled batch)
+    method: str = "lora"  # full | lora | qlora | zo (dpo resolves to its tuning, with a doubled batch)
     quantization: str = "none"  # none | 4bit | 8bit (qlora implies 4bit)
     double_quant: bool = True
     weight_dtype: str = "bfloat16"  # dtype the weights are loaded in
@@ -67,7 +67,8 @@ class PlanInputs:
     lora_train_fully: tuple[str, ...] = ()
     lora_dropout: float = 0.05
     media_tokens: tuple[int, int] | None = None  # (LLM tokens, encoder positions) per example, measured: skips the rules
-    input_grads: bool | None = None  # every tower's input requires grad (None: when checkpointing, as vlmfit does)
+    input_grads: bool = False  # every tower's input requires grad (transformers' enable_input_require_grads; vlmfit
+    # does not call it: non-reentrant checkpointing does not need it)
     kbit_upcast: bool = True  # prepare_model_for_kbit_training casts non-quantized params to fp32
     dpo_reference: bool = False  # full-tuning DPO keeps a frozen reference copy of the weights
 
@@ -139,6 +140,8 @@ COMPONENT_NOTES = {
     "backward working set": "gradients in flight in one block (+ its recomputation with checkpointing)",
     "optimizer step temporaries": "AdamW's sqrt of the second moment (foreach on CUDA; per tensor on CPU)",
     "overhead": "CUDA context and library workspaces (not counted by max_memory_allocated)",
+    "forward working set": "forward-only: the largest block's intermediate tensors (nothing is kept for backward)",
+    "logits": "forward-only: the logits of the batch and their fp32 upcast for the loss",
 }
 
 
@@ -174,11 +177,10 @@ def _part_modes(shape: ModelShape, inp: PlanInputs, lora: dict, fully: list[str]
              for p in ("vision", "projector", "language")}
     if modes["language"] == "none" and (modes["vision"] != "none" or modes["projector"] != "none"):
         modes["language"] = "through"  # the loss is at the top: gradients cross the language model to reach below
-    input_grads = inp.input_grads if inp.input_grads is not None else bool(inp.checkpointing)
-    if input_grads and modes["vision"] == "none":
-        # transformers' enable_input_require_grads (which vlmfit calls with checkpointing, so that checkpointed
-        # blocks behind frozen embeddings get gradients) hooks the input embeddings of every sub-model, the vision
-        # tower's patch embedding included: a frozen tower then keeps its activations as if it were trained.
+    if inp.input_grads and modes["vision"] == "none":
+        # transformers' enable_input_require_grads hooks the input embeddings of every sub-model, the vision tower's
+        # patch embedding included: a frozen tower then keeps its activations as if it were trained. (vlmfit no longer
+        # calls it; the option plans what tools that do spend.)
         modes["vision"] = "through"
     return modes
 
@@ -232,6 +234,9 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
     weights = sum(by_part.values())
     if inp.dpo_reference:
         weights *= 2
+
+    if method == "zo":
+        return _forward_only(shape, inp, name, by_part, notes)
 
     # --- trainable parameters, gradients, optimizer ------------------------------------------------------------
     lora, fully, n_full = ({}, [], 0) if method == "full" else _resolve_lora(shape, inp)
@@ -312,8 +317,8 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
         "overhead": overhead,
     }  # fmt: skip
     if modes["vision"] == "through" and vis > 0.1 * peak and "vision" not in inp.checkpointing:
-        notes.append("the frozen vision tower keeps its activations (checkpointing makes every tower's input require "
-                     "grad); add vision to train.gradient_checkpointing to keep only its block inputs")
+        notes.append("the frozen vision tower keeps its activations (its input requires grad); add vision to "
+                     "train.gradient_checkpointing to keep only its block inputs")
     if "language" not in inp.checkpointing and lang > 0.5 * peak:
         notes.append("language activations dominate: gradient checkpointing would cut them to the block inputs")
     return Breakdown(
@@ -321,6 +326,45 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
         tokens={"seq_len": seq, "image_tokens": img_tokens, "vision_positions": positions, "batch": b},
         components=components, phases={"static": static, "backward": backward, "step": step},
         peak=peak + overhead, notes=notes,
+    )  # fmt: skip
+
+
+def _forward_only(shape: ModelShape, inp: PlanInputs, name: str, by_part: dict[str, float], notes: list[str]) -> Breakdown:
+    """Forward-only training (MeZO / SharpZO on LoRA adapters): the weights, the fp32 adapters and what one
+    inference forward of a batch holds at its peak (measured at 1.00x an inference forward: docs/BENCHMARKS.md).
+    No gradients and no optimizer state on the device; SharpZO's CMA-ES population lives on the host."""
+    from vlmfit.errors import UserError
+    from vlmfit.models.families import DUAL_ENCODER_TYPES
+
+    if shape.model_type in DUAL_ENCODER_TYPES:
+        raise UserError(f"vlmfit plan models generative VLMs; '{name}' is a dual encoder (CLIP prompt tuning)",
+                        where="model.name", hint="a CLIP prompt run needs the weights plus one image-tower forward of a "
+                        "batch (measured 1.00x an inference forward, docs/BENCHMARKS.md)")
+    weights = sum(by_part.values())
+    lora, fully, n_full = _resolve_lora(shape, inp)
+    n_lora = sum(inp.lora_r * (i + o) for i, o in lora.values())
+    adapters = n_lora * 4 + n_full * _dtype_bytes(inp.weight_dtype)
+    seq, img_tokens, positions, seq_notes = _sequence(shape, inp, name)
+    notes += seq_notes
+    b = inp.batch_size
+    cb = 2 if inp.precision in ("bf16", "fp16") or _dtype_bytes(inp.weight_dtype) == 2 else 4
+    sb = _dtype_bytes(inp.weight_dtype)
+    dt = Dtypes(stream=sb, compute=cb, adapter_copy=0, mask=1, expand_kv=False)
+    # In a forward without autograd a block holds its input, the residual stream and its widest intermediate
+    # (the MLP's, for gate and up together): the same per-token sizes as the backward working set.
+    lang = max((working_bytes(L, dt) for L in shape.text_layers), default=0.0) * b * seq
+    vis = max((working_bytes(L, dt) for L in shape.vision_layers), default=0.0) * b * positions
+    logits = (cb + 4) * shape.vocab * b * seq
+    overhead = CUDA_OVERHEAD if inp.device.startswith("cuda") else 0
+    static = weights + adapters
+    peak = static + max(lang, vis, logits)
+    notes.append("forward-only: no gradients, no optimizer state; SharpZO's CMA-ES state (popsize x tuned values) is host memory")
+    components = {"weights": weights, "adapters": adapters, "forward working set": max(lang, vis), "logits": logits,
+                  "overhead": overhead}
+    return Breakdown(
+        model=name, inputs=inp, params=dict(shape.params), trainable_params=int(n_lora + n_full), weights_by_part=by_part,
+        tokens={"seq_len": seq, "image_tokens": img_tokens, "vision_positions": positions, "batch": b},
+        components=components, phases={"static": static, "backward": 0.0, "step": 0.0}, peak=peak + overhead, notes=notes,
     )  # fmt: skip
 
 

@@ -36,7 +36,7 @@ def _resolution_key(family: Family) -> str | None:
 
 def _options(inp: PlanInputs, shape: ModelShape, unit: int = 1) -> dict[str, list]:
     methods = {"full": ["full", "lora", "qlora"], "lora": ["lora", "qlora"], "qlora": ["qlora"]}[inp.method]
-    # Checkpointing the vision tower matters even when it is frozen: see estimate._part_modes (input grads).
+    # Checkpointing a frozen vision tower saves nothing (it keeps no activations) but costs little to try.
     ckpts = [(), ("language",), ("language", "vision")]
     g = inp.batch_size * inp.grad_accum
     # unit 2 for DPO: a micro-batch holds whole (chosen, rejected) pairs

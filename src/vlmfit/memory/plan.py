@@ -54,11 +54,10 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
     1 when a budget was given and the plan does not fit, else 0."""
     console = console or Console()
     cfg = recipe_config(recipe, model, overrides)
-    if cfg.method == "zo":  # the estimator models backprop; a plan of it would mislead
-        raise UserError("vlmfit plan does not model forward-only training (method zo) yet",
-                        where="method", hint="zo needs about the memory of an inference forward of one batch (measured "
-                        "1.00x, docs/BENCHMARKS.md); `--set method=lora` plans the same adapters trained by backprop, "
-                        "an upper bound")
+    if cfg.method == "zo" and do_fit:
+        raise UserError("--fit searches backprop knobs (method, checkpointing, optimizer); forward-only training has "
+                        "none of them", where="--fit", hint="plan it without --fit; a smaller zo.population_batch or "
+                        "train.batch_size lowers the forward's working set")
     budget = parse_budget(gpu) if gpu else None
     hw = _image_hw(image_size)
     shape = recipe_shape(cfg)  # one meta-device build for the plan, the per-GPU table and the fit search

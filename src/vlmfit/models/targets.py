@@ -156,14 +156,24 @@ def enable_checkpointing(model: nn.Module, family: Family, parts: list[str]) -> 
     """Activation checkpointing for the language model and/or the vision tower, separately.
 
     transformers switches it on for every layer that supports it; the layers of the parts not asked for are then
-    switched back off through their public `gradient_checkpointing` flag."""
+    switched back off through their public `gradient_checkpointing` flag.
+
+    Non-reentrant checkpointing gives the parameters inside a checkpointed block their gradients whatever its input,
+    so no input needs to require grad: see drop_input_grad_hooks."""
     if not parts:
         return
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()  # a frozen embedding would otherwise cut the graph at the first layer
+    drop_input_grad_hooks(model)
     for name, mod in model.named_modules():
         if getattr(mod, "gradient_checkpointing", None) is True:
             base = name.removeprefix("base_model.model.")
             if part_of(base, family) not in parts:
                 mod.gradient_checkpointing = False
+
+
+def drop_input_grad_hooks(model: nn.Module) -> None:
+    """Undo enable_input_require_grads, which transformers (on enabling checkpointing) and PEFT (on wrapping a
+    checkpointed model) call: it hooks every sub-model's input embeddings, a frozen vision tower's patch embedding
+    included, which then keeps its activations for a backward that never reaches it (4.7 GiB in the Qwen2.5-VL-3B
+    video plan). vlmfit checkpoints non-reentrantly, which needs no input to require grad."""
+    model.disable_input_require_grads()

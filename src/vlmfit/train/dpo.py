@@ -24,7 +24,8 @@ from vlmfit.errors import UserError
 from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.evaluate.preference import evaluate_preference
 from vlmfit.models.load import Loaded, check_model, load
-from vlmfit.models.targets import count_lora_params, enable_checkpointing, peft_config, prepare_kbit, resolve_for
+from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, enable_checkpointing, peft_config, prepare_kbit,
+                                   resolve_for)
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.trainer import RichProgress, final_loss, param_counts, quiet_printing, report_targets, trainer_arguments
@@ -200,6 +201,8 @@ def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg:
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, data_collator=collator,
                          processing_class=loaded.processor, peft_config=lora, callbacks=[RichProgress(run)])
     quiet_printing(trainer)
+    if cfg.train.gradient_checkpointing:
+        drop_input_grad_hooks(trainer.model)  # PEFT re-hooks the inputs when TRL wraps the checkpointed model
     if resolved is not None:
         count_lora_params(trainer.model, resolved, loaded.family)
         report_targets(resolved, console, run)

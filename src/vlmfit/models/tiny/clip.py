@@ -33,6 +33,18 @@ _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081  # upright MNIST pixel statistics (scal
 # many small steps learn more per second than few large ones (same ~55 s of CPU: batch 128 x 300 steps reached 52%
 # upright zero-shot accuracy, 32 x 1000 77%, 16 x 2000 81%).
 _TRAIN = dict(steps=3000, batch_size=16, lr=1e-3, weight_decay=0.1, warmup=100)
+# VLMFIT_TINY_CLIP_STEPS builds a shorter-pretrained CLIP into a cache folder of its own (the test suite uses 1,500
+# steps: about half the build time, a weaker but still digit-aware model); unset, users get the 3,000 above.
+STEPS_ENV = "VLMFIT_TINY_CLIP_STEPS"
+
+
+def pretraining_steps() -> int:
+    return int(os.environ.get(STEPS_ENV) or _TRAIN["steps"])
+
+
+def clip_name() -> str:
+    steps = pretraining_steps()
+    return CLIP_NAME if steps == _TRAIN["steps"] else f"{CLIP_NAME}-{steps}steps"
 
 
 # --- build -----------------------------------------------------------------------------------------------------
@@ -201,7 +213,7 @@ def build_tiny_clip(out_dir: str | os.PathLike, *, seed: int = 0) -> pathlib.Pat
     train_images, train_labels = _pil(digits["train"][0]), digits["train"][1].tolist()
     test_images, test_labels = _pil(digits["test"][0]), digits["test"][1].tolist()
     model, processor = _model_and_processor(seed)
-    training = _pretrain(model, processor, train_images, train_labels, seed=seed, **_TRAIN)
+    training = _pretrain(model, processor, train_images, train_labels, seed=seed, **{**_TRAIN, "steps": pretraining_steps()})
     card = {
         "model": "CLIPModel pretrained contrastively on builtin:mnist train (4,000 upright digits)",
         "params": sum(p.numel() for p in model.parameters()),
@@ -226,4 +238,4 @@ def _pil(images) -> list:
 
 def tiny_clip_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Directory of the cached tiny CLIP, built on first use (safe across concurrent processes)."""
-    return cached_build(cache_root(cache_dir) / CLIP_NAME, build_tiny_clip)
+    return cached_build(cache_root(cache_dir) / clip_name(), build_tiny_clip)

@@ -1,0 +1,85 @@
+"""GPU checks (`make gpu-check`): what the CPU suite cannot show. bf16 training, bitsandbytes' CUDA 4-bit kernels,
+DPO and forward-only training on CUDA, and the planner against torch.cuda.max_memory_allocated. Each test adds its
+figures to one summary file (gpu-check.json, or $VLMFIT_GPU_CHECK_OUT) so a lent GPU is used in one call."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from vlmfit.config import load_config
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+QUIET = Console(quiet=True)
+RESULTS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary_file():
+    RESULTS["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    RESULTS["torch"] = torch.__version__
+    yield
+    out = Path(os.environ.get("VLMFIT_GPU_CHECK_OUT", "gpu-check.json"))
+    out.write_text(json.dumps(RESULTS, indent=2) + "\n")
+
+
+def _cfg(tmp_path, *sets):
+    base = ["model.name=tiny:qwen2_vl", f"output.dir={tmp_path}", "output.name=run", "data.train_limit=64",
+            "data.eval_limit=32", "train.max_steps=20", "train.batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0",
+            "train.logging_steps=5", "eval.modes=[constrained]"]
+    return load_config(base={"model": {"name": "x"}}, overrides=base + list(sets))
+
+
+def _losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("method, sets", [("lora-bf16", ["method=lora", "train.precision=bf16", "model.dtype=bfloat16"]),
+                                          ("full-bf16", ["method=full", "train.precision=bf16", "model.dtype=bfloat16"]),
+                                          ("qlora", ["method=qlora", "train.gradient_checkpointing=[language]"])])
+def test_sft_on_cuda(tmp_path, method, sets):
+    from vlmfit.train.sft import train_sft
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    run = train_sft(_cfg(tmp_path, *sets), QUIET)
+    losses = _losses(run)
+    RESULTS[f"sft {method}"] = {"seconds": round(time.perf_counter() - t0, 1), "loss_first": losses[0],
+                                "loss_last": losses[-1], "peak_mib": torch.cuda.max_memory_allocated() // 2**20}
+    assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_dpo_qlora_on_cuda(tmp_path):
+    from vlmfit.train.dpo import train_dpo
+
+    cfg = _cfg(tmp_path, "method=dpo", "dpo.pairs_from_labels=mixed", "model.quantization=4bit", "train.max_steps=10")
+    run = train_dpo(cfg, QUIET)
+    before, after = (json.loads((run / f).read_text())["preference"] for f in ("eval_before.json", "eval_after.json"))
+    RESULTS["dpo qlora"] = {"reward_accuracy": [before["reward_accuracy"], after["reward_accuracy"]]}
+    assert after["reward_margin"] != 0.0
+
+
+def test_zo_on_cuda(tmp_path):
+    from vlmfit.train.zo import train_zo
+
+    cfg = _cfg(tmp_path, "method=zo", "zo.optimizer=mezo", "zo.forward_passes=40", "zo.eval_every=40", "train.batch_size=4")
+    torch.cuda.reset_peak_memory_stats()
+    run = train_zo(cfg, QUIET)
+    RESULTS["zo mezo lora"] = {"peak_mib": torch.cuda.max_memory_allocated() // 2**20,
+                               "summary": json.loads((run / "summary.json").read_text())["zo"]["forward_passes"]}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_plan_against_cuda_measurement(method):
+    from vlmfit.memory.measure import measure_recipe
+
+    cfg = load_config(base={"model": {"name": "tiny:qwen2_vl"}, "method": method, "train": {"batch_size": 4}})
+    measured, predicted = measure_recipe(cfg)
+    ratio = measured.peak / (predicted.peak - predicted.components["overhead"])
+    RESULTS[f"plan {method}"] = {"measured_mib": measured.peak / 2**20, "predicted_mib": predicted.peak / 2**20,
+                                 "measured_over_predicted": round(ratio, 3)}
+    assert 0.5 < ratio < 1.5
