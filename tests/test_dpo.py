@@ -9,7 +9,6 @@ import torch
 from rich.console import Console
 
 from vlmfit.config import load_config
-from vlmfit.data.builtin import load_builtin
 from vlmfit.data.preference import EVASIVE
 from vlmfit.chat.schema import image_part, text_part
 from vlmfit.errors import UserError
@@ -26,16 +25,6 @@ from vlmfit.train.sft import apply_length_policy, train_sft
 from helpers import digit_image
 
 QUIET = Console(quiet=True)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """A few real digits as a prepared dataset directory: loads in milliseconds, unlike building builtin:mnist."""
-    out = tmp_path_factory.mktemp("digits")
-    mnist = load_builtin("mnist")
-    datasets.DatasetDict({"train": mnist["train"].select(range(16)), "test": mnist["test"].select(range(8))}).save_to_disk(str(out))
-    (out / "prepare_report.json").write_text("{}")
-    return out
 
 
 def dpo_cfg(tmp_path, digits, family="qwen2_vl", **extra):

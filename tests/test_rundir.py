@@ -1,14 +1,12 @@
 """The run directory written by each method reloads through vlmfit.rundir alone (RunDir.open(...).load_trained()),
 as what was trained: the same kind of weights, trained (not the base), scoring what the run recorded after training."""
 
-import datasets
 import pytest
 import torch
 from rich.console import Console
 
 from vlmfit.chat.collate import VisionChatCollator
 from vlmfit.config import load_config
-from vlmfit.data.builtin import load_builtin
 from vlmfit.data.splits import load_splits
 from vlmfit.errors import UserError
 from vlmfit.evaluate.classification import evaluate_classification
@@ -17,15 +15,6 @@ from vlmfit.models.load import load
 from vlmfit.rundir import RunDir, RunSummary
 
 QUIET = Console(quiet=True)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits")
-    mnist = load_builtin("mnist")
-    datasets.DatasetDict({"train": mnist["train"].select(range(16)), "test": mnist["test"].select(range(8))}).save_to_disk(str(out))
-    (out / "prepare_report.json").write_text("{}")
-    return out
 
 
 def _cfg(tmp_path, digits, sets):
