@@ -142,6 +142,8 @@ class TrainConfig(_Section):
         "before training) or drop (counted, with reasons, in the run report)",
     )
     loss_on: Literal["assistant", "all"] = "assistant"
+    lean_loss: bool = Field(True, description="LM head and loss only at the positions that carry a label (false: the "
+                            "model's own loss over full logits, as plain TRL computes it)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: list[Literal["language", "vision"]] = Field(
         [], description="recompute activations in these towers during backward (less memory, ~30% more compute)"

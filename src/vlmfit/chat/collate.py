@@ -17,7 +17,7 @@ from vlmfit.chat.schema import check_chat_example, count_image_parts, message_te
 from vlmfit.errors import UserError
 from vlmfit.models.families import Family, family_of_processor, get_family
 
-IGNORE_INDEX = -100
+from vlmfit.models.loss import IGNORE_INDEX  # noqa: E402  (re-exported: the label value to ignore)
 
 # How labels find the loss positions, in words (logs, doctor, reports).
 LABEL_METHODS = {

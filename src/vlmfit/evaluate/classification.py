@@ -10,7 +10,8 @@ import time
 import torch
 
 from vlmfit.chat.schema import final_answer, prompt_of, text_part
-from vlmfit.chat.collate import IGNORE_INDEX, VisionChatCollator
+from vlmfit.chat.collate import VisionChatCollator
+from vlmfit.models.loss import sequence_logprobs
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -25,18 +26,6 @@ def _device(model) -> torch.device:
 
 def _to(batch: dict, device) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def sequence_logprobs(model, batch: dict) -> torch.Tensor:
-    """Sum of log-probabilities of the labelled tokens of each sequence (labels != -100)."""
-    labels = batch.pop("labels")
-    logits = model(**batch, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    picked = logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
 
 
 @torch.no_grad()

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from vlmfit.evaluate.classification import eval_mode, sequence_logprobs
+from vlmfit.evaluate.classification import eval_mode
+from vlmfit.models.loss import sequence_logprobs
 from vlmfit.chat.collate import IGNORE_INDEX
 
 

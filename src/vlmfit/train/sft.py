@@ -21,7 +21,8 @@ from vlmfit.models.load import Loaded, check_model, load
 from vlmfit.models.targets import enable_checkpointing, make_trainable
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.trainer import RichProgress, final_loss, param_counts, quiet_printing, report_targets, trainer_arguments
+from vlmfit.train.trainer import (RichProgress, final_loss, labelled_loss, param_counts, quiet_printing, report_targets,
+                                  trainer_arguments)
 
 
 def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
@@ -69,7 +70,7 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
     from trl import SFTConfig, SFTTrainer
 
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
-    trainer = SFTTrainer(
+    trainer = (labelled_loss(SFTTrainer) if cfg.train.lean_loss else SFTTrainer)(
         model=model,
         args=SFTConfig(**trainer_arguments(cfg, run)),
         train_dataset=train_ds,

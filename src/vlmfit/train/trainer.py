@@ -10,6 +10,7 @@ from rich.console import Console
 from transformers import PrinterCallback, TrainerCallback
 
 from vlmfit.config import RunConfig
+from vlmfit.models.loss import causal_lm_loss
 from vlmfit.rundir import LORA_TARGETS, RunDir
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
@@ -44,6 +45,21 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         dataloader_num_workers=0,
         dataloader_pin_memory=use_cuda,
     )
+
+
+def labelled_loss(trainer_class):
+    """`trainer_class` (TRL's SFTTrainer) with its loss computed by models.loss.causal_lm_loss: the LM head only at
+    the labelled positions, never full logits. Trainer.compute_loss is the documented place to change the loss; the
+    normalisation follows the Trainer's (its global count of labelled tokens when the model takes loss kwargs,
+    else this micro-batch's mean, which the Trainer then divides by the accumulation steps)."""
+
+    class LabelledLoss(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+            return (loss, None) if return_outputs else loss
+
+    LabelledLoss.__name__ = f"LabelledLoss{trainer_class.__name__}"
+    return LabelledLoss
 
 
 def quiet_printing(trainer) -> None:
