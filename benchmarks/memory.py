@@ -122,7 +122,7 @@ def batch_for(path: Path, family: str):
     return dict(enc)
 
 
-def run_one(family: str, method: str, ckpt: bool) -> dict:
+def run_one(family: str, method: str, ckpt: bool, answer_only: bool = False, lean: bool = True) -> dict:
     """Child process: load and prepare the model exactly as `vlmfit train` does (vlmfit.models.load.load,
     vlmfit.models.targets.make_trainable / enable_checkpointing, the optimizer HF builds for train.optim), measure 2 steps,
     and ask the planner for the same batch."""
@@ -140,6 +140,8 @@ def run_one(family: str, method: str, ckpt: bool) -> dict:
     torch.set_num_threads(2)
     path = build(family)
     batch = batch_for(path, family)
+    if answer_only:  # the loss on the reply alone, as vlmfit's labels have it (the image and prompt masked)
+        batch["labels"][:, : -TEXT_WORDS] = -100
     cfg = load_config(base={
         "model": {"name": str(path), "dtype": "float32"}, "method": method,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targets": "all-linear", "scope": ["language"]},
@@ -150,7 +152,7 @@ def run_one(family: str, method: str, ckpt: bool) -> dict:
     enable_checkpointing(model, loaded.family, list(cfg.train.gradient_checkpointing))
     opt = make_optimizer(model, "adamw")
     t0 = time.perf_counter()
-    m = measure_steps(model, batch, opt, steps=2)
+    m = measure_steps(model, batch, opt, steps=2, lean=lean)
     seconds = time.perf_counter() - t0
 
     shape = model_shape(AutoConfig.from_pretrained(path))
@@ -159,9 +161,12 @@ def run_one(family: str, method: str, ckpt: bool) -> dict:
     lo_hi = SCALES[family].get("pixels", (None, None))
     inp = PlanInputs(method=method, weight_dtype="float32", precision="fp32", device="cpu", batch_size=BATCH,
                      text_tokens=seq - image_tokens, image_hw=SCALES[family]["image"], min_pixels=lo_hi[0],
-                     max_pixels=lo_hi[1], checkpointing=("language",) if ckpt else (), lora_r=16, lora_dropout=0.05)
+                     max_pixels=lo_hi[1], checkpointing=("language",) if ckpt else (), lora_r=16, lora_dropout=0.05,
+                     label_tokens=int((batch["labels"][:, 1:] != -100).sum()) // BATCH,  # lean loss: what carries a label
+                     lean_loss=lean)
     bd = estimate(shape, inp, family)
-    return {"family": family, "method": method, "checkpointing": ckpt, "params": shape.total_params,
+    return {"family": family, "method": method, "checkpointing": ckpt, "params": shape.total_params, "lean": lean,
+            "labelled": int((batch["labels"][:, 1:] != -100).sum()) // BATCH,
             "seq": seq, "image_tokens": image_tokens, "planned_image_tokens": bd.tokens["image_tokens"],
             "measured": m.as_dict(), "predicted_peak": bd.peak, "predicted": bd.components,
             "phases": bd.phases, "seconds": seconds}
@@ -184,6 +189,29 @@ def part_a() -> list[str]:
             ok = "yes" if abs(err) <= p.tolerance() else "NO"
             shown = f"{int(p.params):,}" if p.kind == "exact" else f"{p.params / 1e9:g}B ({p.source.split(':')[0]})"
             rows.append(f"| {hub_id} | {n:,} | {shown} | {p.scope} | {100 * err:+.3f}% | {ok} (tol {100 * p.tolerance():.2g}%) |")
+    return rows
+
+
+def _child(*args) -> dict:
+    cmd = [sys.executable, __file__, "--child", json.dumps(list(args))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{args} failed")
+    return json.loads(line[-1][7:])
+
+
+def part_d() -> list[str]:
+    """Lean loss vs the model's full-logits loss, labels on the reply only, same batch, each in a fresh process."""
+    rows = ["| family | method | labelled / seq | full logits: measured (predicted) | lean: measured (predicted) | lean / full |",
+            "|---|---|---:|---:|---:|---:|"]
+    for fam, method in (("qwen2_5_vl", "lora"), ("smolvlm", "lora"), ("gemma3", "full")):
+        full, lean = (_child(fam, method, False, True, flag) for flag in (False, True))
+        mib = lambda r, k: r[k]["peak"] / 2**20 if k == "measured" else r[k] / 2**20  # noqa: E731
+        rows.append(f"| {fam} | {method} | {lean['labelled']} / {lean['seq']} | {mib(full, 'measured'):.0f} MiB "
+                    f"({mib(full, 'predicted_peak'):.0f}) | {mib(lean, 'measured'):.0f} MiB ({mib(lean, 'predicted_peak'):.0f}) | "
+                    f"{lean['measured']['peak'] / full['measured']['peak']:.2f}x |")
     return rows
 
 
@@ -254,7 +282,7 @@ def part_c() -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["a", "b", "c"])
+    ap.add_argument("--only", choices=["a", "b", "c", "d"])
     ap.add_argument("--child")
     ap.add_argument("--json", type=Path, help="write the raw part (b) results here")
     a = ap.parse_args()
@@ -272,6 +300,8 @@ def main():
             a.json.write_text(json.dumps(results, indent=1))
     if a.only in (None, "c"):
         out += ["### (c) Predicted vs published GPU measurements", ""] + part_c() + [""]
+    if a.only in (None, "d"):
+        out += ["### (d) Lean loss vs full logits (CPU, fp32, 2 steps, batch 2, labels on the reply only)", ""] + part_d() + [""]
     print("\n".join(out))
     print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
 

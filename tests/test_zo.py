@@ -301,7 +301,7 @@ def test_plan_models_forward_only_training(vlmfit):
     assert "gradients" not in zo["components_bytes"] and "optimizer" not in zo["components_bytes"]
     assert zo["components_bytes"]["weights"] == lora["components_bytes"]["weights"]
     assert zo["components_bytes"]["adapters"] == lora["components_bytes"]["adapters"] > 0
-    # 10.5 GiB (weights 7.0, logits 2.6) against LoRA's 30.7 GiB (17.4 of saved language activations)
-    assert zo["peak_bytes"] < 0.4 * lora["peak_bytes"] and zo["verdict"] == "fits" and lora["verdict"] == "does not fit"
+    # 10.5 GiB (weights 7.0, logits 2.6) against LoRA's 27.9 GiB (17.4 of saved language activations)
+    assert zo["peak_bytes"] < 0.45 * lora["peak_bytes"] and zo["verdict"] == "fits" and lora["verdict"] == "does not fit"
     code, _, err = vlmfit("plan", "zo-clip")
     assert code == 2 and "dual encoder" in " ".join(err.split())

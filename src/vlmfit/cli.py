@@ -134,6 +134,7 @@ def plan(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe; or o
          strategy: Annotated[Optional[str], typer.Option(help="ddp | zero2 | zero3 | fsdp")] = None,
          image_size: Annotated[Optional[str], typer.Option(help="image size to plan for, e.g. 1280x720")] = None,
          seq_len: Annotated[int, typer.Option(help="text tokens per example (besides image tokens)")] = 512,
+         answer_tokens: Annotated[int, typer.Option(help="labelled (answer) tokens per example: what the loss runs over")] = 64,
          device: Annotated[str, typer.Option(help="cuda | cpu")] = "cuda",
          json_out: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
          set: SetOpt = None):
@@ -142,7 +143,7 @@ def plan(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe; or o
 
     code = plan_command(_recipe_path(recipe) if recipe else None, model=model, overrides=set, gpu=gpu, json_out=json_out,
                         do_fit=fit, out=out, measure=measure, gpus=gpus, strategy=strategy, image_size=image_size,
-                        text_tokens=seq_len, device=device, console=console)
+                        text_tokens=seq_len, answer_tokens=answer_tokens, device=device, console=console)
     if code:
         raise typer.Exit(code)  # 1: a budget was given and the plan does not fit
 

@@ -83,3 +83,13 @@ def logits_bytes(vocab: int, dt: Dtypes, softcap: bool) -> float:
     or the fp32 upcast + the 16-bit logits during forward if larger; softcapping keeps its tanh output too."""
     per = max(12, dt.compute + 8) + (dt.compute if softcap else 0)
     return per * vocab
+
+
+def lean_logits_bytes(vocab: int, dt: Dtypes, softcap: bool, labelled: int, chunk: int) -> float:
+    """The lean loss (vlmfit.models.loss) for `labelled` positions. In one chunk it is the full-logits loss of those
+    positions only; in several, their logits in the compute dtype are kept for backward (and the soft-cap's tanh
+    output), with their gradient, and one fp32 cross-entropy chunk (12 B/entry: upcast, log-softmax, gradient) is
+    recomputed at a time."""
+    if labelled <= chunk:
+        return logits_bytes(vocab, dt, softcap) * labelled
+    return (dt.compute * (2 + (1 if softcap else 0)) * labelled + 12 * chunk) * vocab

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from vlmfit.memory.activations import Dtypes, checkpoint_bytes, layer_bytes, logits_bytes, working_bytes
+from vlmfit.memory.activations import Dtypes, checkpoint_bytes, layer_bytes, lean_logits_bytes, logits_bytes, working_bytes
 from vlmfit.memory.budget import GiB, SAFETY_MARGIN, verdict
 from vlmfit.memory.shape import ModelShape
 from vlmfit.memory.vision import image_cost
@@ -52,6 +52,8 @@ class PlanInputs:
     batch_size: int = 1
     grad_accum: int = 1
     text_tokens: int = 512
+    lean_loss: bool = True  # train.lean_loss: the LM head only at labelled positions
+    label_tokens: int = 64  # labelled tokens per example (every text token with loss_on all)
     max_length: int | None = None
     images: int = 1  # images per example (frames split into images count here)
     image_hw: tuple[int, int] = (1024, 1024)
@@ -136,7 +138,7 @@ COMPONENT_NOTES = {
     "optimizer": "optimizer state (AdamW 2 x param dtype; 8-bit: 2 B/param)",
     "activations (language)": "saved for backward over all language blocks",
     "activations (vision)": "saved for backward in the vision tower (0 when it is frozen)",
-    "logits + loss": "fp32 log-softmax and its gradients over batch x seq x vocab",
+    "logits + loss": "lean loss: logits of the labelled tokens + one fp32 chunk (full logits: batch x seq x vocab)",
     "backward working set": "gradients in flight in one block (+ its recomputation with checkpointing)",
     "optimizer step temporaries": "AdamW's sqrt of the second moment (foreach on CUDA; per tensor on CPU)",
     "overhead": "CUDA context and library workspaces (not counted by max_memory_allocated)",
@@ -292,7 +294,14 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
     final = 4 * shape.hidden + ((sb * 2) * shape.hidden if lang_mode == "full" else 0)  # final norm (+ lm_head input)
     lang += final * b * seq
     vis, vis_work = tower("vision", shape.vision_layers, modes["vision"], b * positions, "vision" in inp.checkpointing)
-    logits = logits_bytes(shape.vocab, dt, shape.logit_softcap) * b * seq
+    if inp.lean_loss:
+        from vlmfit.models.loss import chunk_for
+
+        labelled = b * min(inp.label_tokens, seq)
+        logits = lean_logits_bytes(shape.vocab, dt, shape.logit_softcap, labelled, chunk_for(shape.vocab))
+        notes.append(f"loss over {min(inp.label_tokens, seq)} labelled tokens per example (--answer-tokens), not all {seq}")
+    else:
+        logits = logits_bytes(shape.vocab, dt, shape.logit_softcap) * b * seq
 
     # --- phases ------------------------------------------------------------------------------------------------
     early = shape.params["embeddings"] * train_bytes if method == "full" else 0  # LM head grad comes first
@@ -393,7 +402,8 @@ def per_gpu(bd: Breakdown, shape: ModelShape, strategy: str, n: int) -> dict[str
     return {"model states": states, "activations": acts, "overhead": c["overhead"], "total": states + acts + c["overhead"]}
 
 
-def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] | None = None, text_tokens: int = 512) -> PlanInputs:
+def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] | None = None, text_tokens: int = 512,
+                       answer_tokens: int = 64) -> PlanInputs:
     """PlanInputs for a RunConfig. `device` decides what "auto" dtype/precision mean (vlmfit: bf16 on a GPU)."""
     m, t, d, lo = cfg.model, cfg.train, cfg.data, cfg.lora
     cuda = device.startswith("cuda")
@@ -412,6 +422,7 @@ def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] |
         method=method, quantization=m.quantization, double_quant=m.double_quant, weight_dtype=dtype,
         precision=precision, device=device, batch_size=t.batch_size * (2 if cfg.method == "dpo" else 1),
         grad_accum=t.grad_accum, text_tokens=text_tokens, max_length=t.max_length, images=images,
+        lean_loss=t.lean_loss, label_tokens=text_tokens if t.loss_on == "all" else min(answer_tokens, text_tokens),
         image_hw=image_hw or (1024, 1024), video_frames=frames, min_pixels=m.min_pixels, max_pixels=m.max_pixels,
         max_soft_tokens=m.max_soft_tokens, checkpointing=tuple(t.gradient_checkpointing), optim=t.optim,
         lora_r=lo.r, lora_targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
@@ -429,8 +440,8 @@ def recipe_shape(cfg) -> ModelShape:
 
 
 def plan_memory(cfg, *, device: str = "cuda", budget: int | None = None, image_hw: tuple[int, int] | None = None,
-                text_tokens: int = 512, shape: ModelShape | None = None) -> Breakdown:
+                text_tokens: int = 512, answer_tokens: int = 64, shape: ModelShape | None = None) -> Breakdown:
     """The breakdown for a recipe (pass `shape` to reuse one meta-device build across several plans)."""
     shape = shape or recipe_shape(cfg)
-    inp = inputs_from_config(cfg, device=device, image_hw=image_hw, text_tokens=text_tokens)
+    inp = inputs_from_config(cfg, device=device, image_hw=image_hw, text_tokens=text_tokens, answer_tokens=answer_tokens)
     return estimate(shape, inp, cfg.model.name).with_budget(budget)

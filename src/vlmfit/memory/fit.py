@@ -168,13 +168,13 @@ def _reasons(orig: Breakdown, best: Breakdown, budget: int) -> list[str]:
 
 
 def fit(cfg, budget: int, *, device: str = "cuda", margin: float = SAFETY_MARGIN, image_hw: tuple[int, int] | None = None,
-        text_tokens: int = 512, shape: ModelShape | None = None):
+        text_tokens: int = 512, answer_tokens: int = 64, shape: ModelShape | None = None):
     """(RunConfig, reasons): the fastest configuration of `cfg` predicted to fit `budget` bytes with the margin.
 
     Raises UserError when nothing in the search space fits, naming the smallest plan found.
     """
     shape = shape or recipe_shape(cfg)
-    inp = inputs_from_config(cfg, device=device, image_hw=image_hw, text_tokens=text_tokens)
+    inp = inputs_from_config(cfg, device=device, image_hw=image_hw, text_tokens=text_tokens, answer_tokens=answer_tokens)
     orig = estimate(shape, inp, cfg.model.name).with_budget(budget, margin)
     fitting, smallest = search(shape, inp, budget, margin, cfg.model.name, unit=2 if cfg.method == "dpo" else 1)
     if not fitting:

@@ -82,10 +82,14 @@ class Measured:
         return dict(self.__dict__)
 
 
-def _step(model, batch, optimizer, grad_accum: int, max_grad_norm: float | None):
+def _step(model, batch, optimizer, grad_accum: int, max_grad_norm: float | None, lean: bool = True):
+    from vlmfit.models.loss import causal_lm_loss
+
     losses = []
     for _ in range(grad_accum):
-        loss = model(**batch).loss / grad_accum  # the output (logits) goes out of scope before backward, as in Trainer
+        # the loss vlmfit trains with (train.lean_loss), or the model's own over full logits; either way the output
+        # goes out of scope before backward, as in Trainer
+        loss = (causal_lm_loss(model, batch) if lean else model(**batch).loss) / grad_accum
         loss.backward()
         losses.append(float(loss.detach()) * grad_accum)
     if max_grad_norm:
@@ -96,7 +100,7 @@ def _step(model, batch, optimizer, grad_accum: int, max_grad_norm: float | None)
 
 
 def measure_steps(model, batch: dict, optimizer, *, steps: int = 3, grad_accum: int = 1,
-                  max_grad_norm: float | None = 1.0) -> Measured:
+                  max_grad_norm: float | None = 1.0, lean: bool = True) -> Measured:
     """Run `steps` optimizer steps on one batch and report weights / optimizer state / peak in bytes."""
     device = next(model.parameters()).device.type
     model.train()
@@ -106,19 +110,19 @@ def measure_steps(model, batch: dict, optimizer, *, steps: int = 3, grad_accum: 
         torch.cuda.empty_cache()
         weights = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        losses = [_step(model, batch, optimizer, grad_accum, max_grad_norm)]
+        losses = [_step(model, batch, optimizer, grad_accum, max_grad_norm, lean)]
         optim = torch.cuda.memory_allocated() - weights
-        losses += [_step(model, batch, optimizer, grad_accum, max_grad_norm) for _ in range(steps - 1)]
+        losses += [_step(model, batch, optimizer, grad_accum, max_grad_norm, lean) for _ in range(steps - 1)]
         torch.cuda.synchronize()
         return Measured("cuda", weights, optim, torch.cuda.max_memory_allocated(), steps, losses)
     gc.collect()
     tracker = TensorMemory(device)
     with tracker:
         weights = tracker.register_existing()
-        losses = [_step(model, batch, optimizer, grad_accum, max_grad_norm)]
+        losses = [_step(model, batch, optimizer, grad_accum, max_grad_norm, lean)]
         gc.collect()
         optim = tracker.current - weights
-        losses += [_step(model, batch, optimizer, grad_accum, max_grad_norm) for _ in range(steps - 1)]
+        losses += [_step(model, batch, optimizer, grad_accum, max_grad_norm, lean) for _ in range(steps - 1)]
         peak = tracker.peak
     # the batch itself was alive before the mode started and is counted in `weights`; report it apart
     batch_bytes = sum(v.untyped_storage().nbytes() for v in batch.values() if isinstance(v, torch.Tensor))
@@ -154,7 +158,8 @@ def predict_for_batch(cfg, batch: dict, config, device: str, shape=None):
     media = sum(int((ids == t).sum()) for t in set(media_ids) if isinstance(t, int)) // b
     ref = image_cost(config, shape.family, 1024, 1024, model=cfg.model.name)
     positions = media * ref.encoder_positions // max(ref.tokens, 1)  # encoder positions per LLM token: the rule's ratio
-    inp = replace(inputs_from_config(cfg, device=device), batch_size=b, text_tokens=seq - media,
+    labelled = int((batch["labels"][:, 1:] != -100).sum()) // b if "labels" in batch else seq - media
+    inp = replace(inputs_from_config(cfg, device=device), batch_size=b, text_tokens=seq - media, label_tokens=labelled,
                   media_tokens=(media, positions), max_length=None)
     return estimate(shape, inp, cfg.model.name)
 
@@ -182,5 +187,5 @@ def measure_recipe(cfg, steps: int = 3, shape=None):
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     optimizer = make_optimizer(model, cfg.train.optim, cfg.train.lr)
     measured = measure_steps(model, batch, optimizer, steps=steps, grad_accum=cfg.train.grad_accum,
-                             max_grad_norm=cfg.train.max_grad_norm)
+                             max_grad_norm=cfg.train.max_grad_norm, lean=cfg.train.lean_loss)
     return measured, predict_for_batch(cfg, batch, loaded.model.config, device, shape)

@@ -49,7 +49,7 @@ def multi_gpu_table(bd: Breakdown, shape: ModelShape, gpus: int, strategies=STRA
 def plan_command(recipe: Path | None = None, *, model: str | None = None, overrides: list[str] | None = None,
                  gpu: str | None = None, json_out: bool = False, do_fit: bool = False, out: Path | None = None,
                  measure: bool = False, gpus: int = 1, strategy: str | None = None, image_size: str | None = None,
-                 text_tokens: int = 512, device: str = "cuda", console: Console | None = None) -> int:
+                 text_tokens: int = 512, answer_tokens: int = 64, device: str = "cuda", console: Console | None = None) -> int:
     """Print the plan (or JSON); --fit writes a fitted recipe; --measure runs real steps. Returns the exit code:
     1 when a budget was given and the plan does not fit, else 0."""
     console = console or Console()
@@ -61,7 +61,8 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
     budget = parse_budget(gpu) if gpu else None
     hw = _image_hw(image_size)
     shape = recipe_shape(cfg)  # one meta-device build for the plan, the per-GPU table and the fit search
-    bd = plan_memory(cfg, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens, shape=shape)
+    bd = plan_memory(cfg, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens, answer_tokens=answer_tokens,
+                     shape=shape)
     result: dict = {"plan": bd.as_dict()}
     if gpus > 1:
         result["per_gpu"] = {s: {k: round(v / GiB, 3) for k, v in per_gpu(bd, shape, s, gpus).items()}
@@ -72,12 +73,13 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
             raise UserError("--fit needs a budget", where="--gpu", hint="e.g. --gpu 14GiB or --gpu v100-16gb")
         from vlmfit.memory.fit import fit, write_recipe
 
-        fitted, reasons = fit(cfg, budget, device=device, image_hw=hw, text_tokens=text_tokens, shape=shape)
+        fitted, reasons = fit(cfg, budget, device=device, image_hw=hw, text_tokens=text_tokens, answer_tokens=answer_tokens,
+                              shape=shape)
         stem = Path(recipe).stem if recipe else cfg.model.name.replace("/", "_")
         path = write_recipe(fitted, reasons, out or Path(f"{stem}-fit.yaml"))
         result["fit"] = {"recipe": str(path), "reasons": reasons,
                          "plan": plan_memory(fitted, device=device, budget=budget, image_hw=hw, text_tokens=text_tokens,
-                                             shape=shape).as_dict()}
+                                             answer_tokens=answer_tokens, shape=shape).as_dict()}
         code = 0
     if measure:
         from vlmfit.memory.measure import measure_recipe
