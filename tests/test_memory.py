@@ -260,3 +260,19 @@ def test_a_config_key_the_planner_needs_is_an_error_not_a_default():
         image_cost(llava, FAMILIES["gemma3"], 896, 896)
     with pytest.raises(UserError, match="no 'scale_factor'"):  # Idefics3's pixel shuffle
         image_cost(llava, FAMILIES["smolvlm"], 1024, 1024)
+
+
+def test_plan_counts_logits_over_labelled_tokens_only():
+    """The lean loss's logits term follows the labelled tokens (and stays the full-logits term when it is off):
+    the issue's Gemma 4 E2B LoRA run at 2,048 text tokens."""
+    sets = ["model.name=google/gemma-4-E2B-it", "method=lora", "lora.scope=[language,vision]", "train.batch_size=1",
+            "train.optim=adamw-8bit", "train.gradient_checkpointing=[language,vision]"]
+    cfg = load_config(base={"model": {"name": "x"}}, overrides=sets)
+    full = load_config(base={"model": {"name": "x"}}, overrides=sets + ["train.lean_loss=false"])
+    shape = model_shape(load_model_config("google/gemma-4-E2B-it"))
+    logits = {n: plan_memory(cfg, text_tokens=2048, answer_tokens=n, shape=shape).components["logits + loss"]
+              for n in (64, 512)}
+    off = plan_memory(full, text_tokens=2048, answer_tokens=64, shape=shape)
+    assert logits[64] < logits[512] < 0.25 * off.components["logits + loss"]
+    assert off.components["logits + loss"] / 2**30 == pytest.approx(7.96, abs=0.01)  # batch x seq x 262k vocab
+    assert plan_memory(cfg, text_tokens=2048, shape=shape).peak < 0.65 * off.peak
