@@ -94,3 +94,21 @@ def test_installed_entry_point_smoke(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 2 and "recipe file not found" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and "kernels" not in r.stderr + r.stdout, r.stderr
+
+
+def test_train_profile_says_where_a_step_goes(vlmfit, tmp_path):
+    import json
+
+    code, out, err = vlmfit("train", "demo", "--profile", "--set", f"output.dir={tmp_path}", "--set", "output.name=p",
+                            "--set", "train.max_steps=4", "--set", "data.train_limit=32", "--set", "data.eval_limit=8",
+                            "--set", "eval.before=false", "--set", "eval.modes=[constrained]")
+    assert code == 0, err
+    prof = json.loads((tmp_path / "p" / "profile.json").read_text())
+    parts = prof["median_seconds"]
+    assert prof["steps_profiled"] == 3 and set(parts) == {"data", "vision forward", "language forward", "other forward",
+                                                           "loss + backward", "optimizer"}
+    assert parts["vision forward"] > 0 and parts["language forward"] > 0 and parts["loss + backward"] > 0
+    assert parts["language forward"] < prof["median_step_seconds"]
+    assert abs(sum(prof["share"].values()) - 1) < 1e-3 and "where a step's time goes" in out
+    code, _, err = vlmfit("train", "zo-lora", "--profile", "--set", f"output.dir={tmp_path}")
+    assert code == 2 and "--profile" in err

@@ -31,7 +31,8 @@ def _recipe_path(name: str) -> Path:
 
 @app.command()
 def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None,
-          force: Annotated[bool, typer.Option("--force", help="train even if the memory plan predicts it will not fit")] = False):
+          force: Annotated[bool, typer.Option("--force", help="train even if the memory plan predicts it will not fit")] = False,
+          profile: Annotated[bool, typer.Option("--profile", help="time each step's parts (data, vision, language, loss, optimizer); supervised recipes")] = False):
     """Fine-tune a model as the recipe says; writes a run directory."""
     from vlmfit.config import load_config
     from vlmfit.memory.plan import preflight
@@ -43,6 +44,9 @@ def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the 
     _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo")  # fail fast: before data
     if not is_dual_encoder(model_type):  # the planner models generative VLMs (a CLIP prompt run needs inference memory)
         preflight(cfg, console, force)  # on a GPU: refuse a run predicted not to fit, with the breakdown and the fix
+    if profile and cfg.method in ("zo", "dpo"):
+        raise UserError(f"--profile times supervised training steps; method {cfg.method} is not profiled yet",
+                        where="--profile", hint="profile the SFT recipe of the same model and data (method lora / full)")
     if cfg.method == "zo":
         from vlmfit.train.zo import train_zo
 
@@ -52,7 +56,7 @@ def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the 
 
         run = train_dpo(cfg, console)
     else:
-        run = train_sft(cfg, console)
+        run = train_sft(cfg, console, profile=profile)
     console.print(f"[green]done[/]: {run}")
 
 

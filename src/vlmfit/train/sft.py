@@ -25,8 +25,9 @@ from vlmfit.train.trainer import (RichProgress, final_loss, labelled_loss, param
                                   trainer_arguments)
 
 
-def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
-    """Run the recipe end to end and return the run directory."""
+def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = False) -> Path:
+    """Run the recipe end to end and return the run directory (`profile`: where each step's time goes, printed
+    and in profile.json)."""
     console = console or Console()
     set_seed(cfg.train.seed)
     check_model(cfg.model.name, cfg.model.revision)  # a wrong model name fails before any data is prepared
@@ -47,9 +48,20 @@ def train_sft(cfg: RunConfig, console: Console | None = None) -> Path:
     if resolved is not None:
         report_targets(resolved, console, run)
     trainer = make_trainer(model, loaded, collator, train_ds, cfg, run)
+    profiler = None
+    if profile:
+        from vlmfit.train.profile import StepProfiler
+
+        profiler = StepProfiler(run)
+        profiler.attach(trainer.model, loaded.family)
+        trainer.add_callback(profiler)
     t0 = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - t0
+    if profiler is not None and profiler.steps:
+        from vlmfit.train.profile import profile_table
+
+        console.print(profile_table(profiler.summary()))
 
     weights = save_weights(model, loaded, cfg, run)
     run.drop_empty_checkpoints()
