@@ -125,3 +125,15 @@ def test_checkpointing_keeps_a_frozen_vision_tower_out_of_autograd():
         grads[parts] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for parts, g in grads.items():
         assert g.keys() == grads[()].keys() and all(torch.allclose(g[n], grads[()][n], atol=1e-6) for n in g), parts
+
+
+def test_dataloader_workers_collate_the_same_batches(tmp_path):
+    """A collating worker process (train.dataloader_workers) changes where batches are built, not which:
+    the losses equal those of collating in the training process."""
+    losses = {}
+    for workers in (0, 1):
+        cfg = recipe(tmp_path / f"w{workers}", "method=full", "model.dtype=float32", "train.max_steps=3",
+                     f"train.dataloader_workers={workers}", "eval.before=false", "eval.after=false")
+        run = train_sft(cfg, QUIET)
+        losses[workers] = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(losses[1]) == 3 and losses[1] == losses[0]

@@ -151,6 +151,8 @@ class TrainConfig(_Section):
     optim: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd"] = "adamw"
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
+    dataloader_workers: int = Field(0, ge=0, description="processes that collate batches ahead of the training step "
+                                    "(0: in the training process)")
 
 
 class EvalConfig(_Section):

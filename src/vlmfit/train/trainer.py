@@ -42,7 +42,8 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         report_to="none",
         seed=t.seed,
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=t.dataloader_workers,
+        dataloader_persistent_workers=t.dataloader_workers > 0,  # not re-forked every epoch
         dataloader_pin_memory=use_cuda,
     )
 
