@@ -10,7 +10,7 @@
     moved to a new domain: inverted digits (white background). Zero-shot accuracy, then LoRA r=8 alpha=16 on
     all linear layers with lora.scope [language] versus [language, vision], same seed and steps.
 
-Everything goes through vlmfit's own pieces (load_config, load, load_splits, VisionChatCollator, apply_method,
+Everything goes through vlmfit's own pieces (load_config, load, load_splits, VisionChatCollator, make_trainable,
 make_trainer, evaluate_classification); nothing here re-implements training or evaluation.
 
     .venv/bin/python benchmarks/labels.py [--epochs 4] [--lora-epochs 2] [--out /tmp/vlmfit-bench-labels]
