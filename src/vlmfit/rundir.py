@@ -131,10 +131,6 @@ class RunDir:
                             hint="give a directory written by `vlmfit train`, e.g. runs/<name>")
         return cls(p)
 
-    @staticmethod
-    def is_run(path: str | Path) -> bool:
-        return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
-
     def config(self, overrides: list[str] | None = None) -> RunConfig:
         return load_config(self.path / CONFIG, overrides)
 

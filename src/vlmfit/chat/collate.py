@@ -16,8 +16,7 @@ import torch
 from vlmfit.chat.schema import check_chat_example, count_image_parts, message_text, prompt_of, stored_video_metadata
 from vlmfit.errors import UserError
 from vlmfit.models.families import Family, family_of_processor, get_family
-
-from vlmfit.models.loss import IGNORE_INDEX  # noqa: E402  (re-exported: the label value to ignore)
+from vlmfit.models.loss import IGNORE_INDEX  # re-exported: the label value the loss ignores
 
 # How labels find the loss positions, in words (logs, doctor, reports).
 LABEL_METHODS = {

@@ -18,9 +18,7 @@ from vlmfit.rundir import RunDir
 
 def evaluate_target(target: str, overrides: list[str] | None, console: Console) -> tuple[dict, Path | None]:
     path = Path(target)
-    if path.is_dir() and not RunDir.is_run(path):
-        raise UserError("not a run directory (no config.yaml)", where=str(path), hint="pass a directory written by `vlmfit train`, or a recipe")
-    run = RunDir.open(path) if path.is_dir() else None
+    run = RunDir.open(path) if path.is_dir() else None  # a directory must be a run directory; a file is a recipe
     cfg = run.config(overrides) if run else load_config(path, overrides)
     _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=False)  # before any data is loaded
     if is_dual_encoder(model_type):

@@ -33,6 +33,7 @@ from vlmfit.memory.activations import Dtypes, checkpoint_bytes, layer_bytes, lea
 from vlmfit.memory.budget import GiB, SAFETY_MARGIN, verdict
 from vlmfit.memory.shape import ModelShape
 from vlmfit.memory.vision import image_cost
+from vlmfit.models.loss import chunk_for
 
 CUDA_OVERHEAD = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces: on the card, not in max_memory_allocated
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}  # double quant -> ~4.127, else 4.5
@@ -295,8 +296,6 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
     lang += final * b * seq
     vis, vis_work = tower("vision", shape.vision_layers, modes["vision"], b * positions, "vision" in inp.checkpointing)
     if inp.lean_loss:
-        from vlmfit.models.loss import chunk_for
-
         labelled = b * min(inp.label_tokens, seq)
         logits = lean_logits_bytes(shape.vocab, dt, shape.logit_softcap, labelled, chunk_for(shape.vocab))
         notes.append(f"loss over {min(inp.label_tokens, seq)} labelled tokens per example (--answer-tokens), not all {seq}")

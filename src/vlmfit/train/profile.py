@@ -37,8 +37,7 @@ class StepProfiler(TrainerCallback):
             parent = part_of(base.rsplit(".", 1)[0], family) if "." in base else None
             if part in roots and roots[part] is None and parent != part:
                 roots[part] = mod  # the outermost module of the tower (a projector outside it is "other forward")
-        top = model
-        for key, mod in (("total", top), ("vision", roots["vision"]), ("language", roots["language"])):
+        for key, mod in (("total", model), ("vision", roots["vision"]), ("language", roots["language"])):
             if mod is None:
                 continue
             self.hooks.append(mod.register_forward_pre_hook(lambda m, a, k=key: self._start(k)))
