@@ -108,6 +108,8 @@ def prepare(source: Annotated[str, typer.Argument(help="file (jsonl/json/csv/par
     report = run_prepare(cfg, out, model=model)
     console.print((out / "prepare_report.md").read_text())
     console.print(f"[green]prepared[/] {report['kept']} of {report['input_rows']} rows into {out}")
+    if report["empty_splits"]:
+        console.print(f"[yellow]warning:[/] empty split: {', '.join(report['empty_splits'])}")
 
 
 @app.command()

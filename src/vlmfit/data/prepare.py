@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vlmfit.config import DataConfig
 from vlmfit.chat.schema import image_part, text_part
+from vlmfit.data.messages import canonical_messages
 from vlmfit.data.sources import Source, detect_column, open_source
 from vlmfit.data.validate import RowProblem, load_image, require_text
 from vlmfit.errors import UserError
@@ -63,6 +64,8 @@ class _Columns:
         self.chosen = detect_column(keys, "chosen", cfg.chosen_column)
         self.rejected = detect_column(keys, "rejected", cfg.rejected_column)
         self.messages = detect_column(keys, "messages", cfg.messages_column)
+        chat_pair = cfg.task == "chat" and {"prompt", "completion"} <= set(keys)
+        self.prompt, self.completion = ("prompt", "completion") if chat_pair else (None, None)
         named = {k: getattr(cfg, f"{k}_column") for k in ("image", "video", "question", "label", "answer", "chosen", "rejected", "messages")}
         missing = [f"{k}_column={v!r}" for k, v in named.items() if v and v not in keys]
         if missing:
@@ -76,15 +79,20 @@ def _label_of(row: dict, cols: _Columns) -> str:
 
 def _scan_classes(src: Source, cols_of, cfg: DataConfig) -> list[str]:
     """Classification without data.classes: one cheap pass over the labels (no images decoded)."""
-    seen = set()
+    seen, column = set(), None
     for _, row in src.rows():
         if isinstance(row, dict):
+            cols = cols_of(row)
+            column = cols.label or cols.answer
             try:
-                seen.add(_label_of(row, cols_of(row)))
+                seen.add(_label_of(row, cols))
             except RowProblem:
                 pass
     if not seen:
         raise UserError("no labels found in the source", where="data.label_column", hint="name the label column")
+    declared = src.class_names(column) if column else None
+    if declared and seen <= set(declared):
+        return [c for c in declared if c in seen]  # the dataset's own order (zero..nine, not eight, five, ...)
     return sorted(seen)
 
 
@@ -113,22 +121,26 @@ def _assistant(text: str) -> dict:
     return {"role": "assistant", "content": [text_part(text)]}
 
 
-def _chat_messages(row: dict, cols: _Columns, n_images: int) -> list[dict]:
-    raw = row.get(cols.messages) if cols.messages else None
-    if not isinstance(raw, list) or not raw:
-        raise RowProblem(cols.messages or "messages", "missing or empty messages list")
-    messages = []
-    for m in raw:
-        content = m.get("content")
-        parts = [text_part(content)] if isinstance(content, str) else [
-            image_part() if p.get("type") == "image" else text_part(p.get("text") or "") for p in (content or [])]
-        messages.append({"role": m.get("role"), "content": parts})
+def _chat_messages(row: dict, cols: _Columns, n_images: int) -> tuple[list[dict], str]:
+    if cols.messages:
+        raw, column = row.get(cols.messages), cols.messages
+        if column not in row:  # columns come from the first row; a JSONL row may differ
+            raise RowProblem(column, f"missing column '{column}'")
+    elif cols.prompt and cols.completion:  # TRL's conversational prompt / completion columns
+        column = f"{cols.prompt}+{cols.completion}"
+        prompt, completion = row.get(cols.prompt), row.get(cols.completion)
+        raw = prompt + completion if isinstance(prompt, list) and isinstance(completion, list) else None
+    else:
+        raise RowProblem("messages", "no messages column (nor prompt / completion message lists)")
+    messages, spelling = canonical_messages(raw, n_images, column)
     placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
     if placeholders != n_images:
-        raise RowProblem(cols.messages, f"{placeholders} image placeholders but {n_images} images")
+        raise RowProblem(column, f"{placeholders} image placeholders but {n_images} images")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowProblem(column, "no assistant turn to learn from")
     if any(m["role"] == "assistant" and not "".join(p["text"] or "" for p in m["content"]).strip() for m in messages):
-        raise RowProblem(cols.messages, "empty assistant turn")
-    return messages
+        raise RowProblem(column, "empty assistant turn")
+    return messages, spelling
 
 
 def _convert(row: dict, cols: _Columns, src: Source, cfg: DataConfig, classes, prompt: str, fixes: Counter, sizes: Counter):
@@ -138,8 +150,8 @@ def _convert(row: dict, cols: _Columns, src: Source, cfg: DataConfig, classes, p
     images, digests = _images(row, cols, src, cfg, fixes, sizes)
     system = [{"role": "system", "content": [text_part(cfg.system)]}] if cfg.system else []
     if cfg.task == "chat":
-        msgs = _chat_messages(row, cols, len(images))
-        return {"messages": msgs, "images": images}, json.dumps([msgs, digests])
+        msgs, spelling = _chat_messages(row, cols, len(images))
+        return {"messages": msgs, "images": images, "_format": spelling}, json.dumps([msgs, digests])
     if cfg.task == "classification":
         label = _label_of(row, cols)
         if label not in classes:
@@ -205,7 +217,7 @@ def _split_of(seed: int, row: int, cfg: DataConfig) -> str:
 
 def _generate(src: Source, cfg: DataConfig, classes, prompt: str, stats: dict, skipped_path: str):
     """Yield canonical rows; write each skipped row (row, column, reason) to skipped.jsonl as it goes."""
-    fixes, sizes, per_split, per_class, reasons, examples = Counter(), Counter(), Counter(), Counter(), Counter(), Counter()
+    fixes, sizes, per_split, per_class, reasons, examples, formats = (Counter() for _ in range(7))
     seen: set[bytes] = set()
     cols = None
     n_in = 0
@@ -230,14 +242,17 @@ def _generate(src: Source, cfg: DataConfig, classes, prompt: str, stats: dict, s
                 continue
             split = _split_of(cfg.split_seed, row_no, cfg)  # all examples of one row (video chunks) share a split
             per_split[split] += 1
+            if isinstance(out, dict) and "_format" in out:
+                formats[out.pop("_format")] += 1
             for example in out if isinstance(out, list) else [out]:
                 examples[split] += 1
                 if "label" in example:
                     per_class[example["label"]] += 1
                 yield {**example, "source_row": row_no, "split": split}
     stats.update(input_rows=n_in, kept=sum(per_split.values()), skipped=n_in - sum(per_split.values()),
-                 per_split={s: per_split[s] for s in SPLITS}, examples_per_split={s: examples[s] for s in SPLITS}, per_class=dict(sorted(per_class.items())),
-                 skipped_by_reason=dict(reasons.most_common()), fixes=dict(fixes), image_sizes=dict(sizes))
+                 per_split={s: per_split[s] for s in SPLITS}, examples_per_split={s: examples[s] for s in SPLITS}, per_class={c: per_class[c] for c in classes if c in per_class},
+                 skipped_by_reason=dict(reasons.most_common()), fixes=dict(fixes), image_sizes=dict(sizes),
+                 message_formats=dict(formats.most_common()))
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path, model: str | None = None, length_sample: int = 256) -> dict:
@@ -246,7 +261,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path, model: str | None = None, leng
     import datasets
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and {p.name for p in out.iterdir()} - {"skipped.jsonl"}:  # a failed attempt leaves only that
         raise UserError(f"output directory '{out}' is not empty", where="--out", hint="choose a new directory")
     src = open_source(cfg.source)
     first = next((row for _, row in src.rows() if isinstance(row, dict)), {})
@@ -271,14 +286,14 @@ def prepare(cfg: DataConfig, out_dir: str | Path, model: str | None = None, leng
                         "skipped_path": str(out / "skipped.jsonl")},
         ) if _has_rows(src) else None
         if ds is None or not stats.get("kept"):
-            reasons = stats.get("skipped_by_reason", {})
-            raise UserError(f"no usable rows in the source ({stats.get('input_rows', 0)} read)", where=cfg.source,
-                            hint=f"reasons: {reasons}; see {out / 'skipped.jsonl'}" if reasons else "is the source empty?")
+            raise _nothing_kept(stats, cfg.source, out / "skipped.jsonl")
         splits = {s: ds.filter(lambda v, s=s: v == s, input_columns="split").remove_columns("split") for s in SPLITS}
         datasets.DatasetDict(splits).save_to_disk(str(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report = {"source": cfg.source, "source_kind": src.kind, "task": cfg.task, "classes": classes, "prompt": prompt, **stats}
+    # train and test are what a recipe needs; an empty validation split only matters when one was asked for
+    report["empty_splits"] = [s for s in SPLITS if not stats["per_split"][s] and (s != "validation" or cfg.val_fraction)]
     if model and cfg.task != "preference":
         report["tokens"] = token_lengths(model, splits["train"], length_sample)
     assert report["kept"] + report["skipped"] == report["input_rows"]  # the invariant the report promises
@@ -309,10 +324,25 @@ def _from_generator(**kwargs):
 
     try:
         return datasets.Dataset.from_generator(**kwargs)
+    except ValueError as e:
+        if "corresponds to no data" in str(e):  # the generator kept no row: the caller says why
+            return None
+        raise
     except datasets.exceptions.DatasetGenerationError as e:
         if isinstance(e.__cause__, UserError):
             raise e.__cause__ from None
         raise
+
+
+def _nothing_kept(stats: dict, source: str, skipped: Path) -> UserError:
+    n = stats.get("input_rows", 0)
+    if not n:
+        return UserError("the source has no rows", where=source, hint="is it the right file or directory?")
+    top = list(stats.get("skipped_by_reason", {}).items())[:3]
+    reasons = "; ".join(f"{reason} ({count})" for reason, count in top)
+    return UserError(f"no usable rows: 0 of {n} rows kept; top reasons: {reasons}", where=source,
+                     hint=f"every skipped row with its reason is in {skipped}; fix the rows or name the columns "
+                          "(--set image_column=... / messages_column=...)")
 
 
 def _has_rows(src: Source) -> bool:
@@ -323,6 +353,11 @@ def report_markdown(r: dict, out: Path) -> str:
     lines = [f"# Prepared `{r['source']}` ({r['source_kind']}, task {r['task']})", "",
              f"- input rows: {r['input_rows']}  kept: {r['kept']}  skipped: {r['skipped']}",
              "- splits: " + ", ".join(f"{k} {v}" for k, v in r["per_split"].items())]
+    if r.get("empty_splits"):
+        lines.append(f"- empty splits: {', '.join(r['empty_splits'])} (training needs rows in train and test: add rows "
+                     "or raise data.test_fraction)")
+    if r.get("message_formats"):
+        lines.append("- chat rows read as: " + ", ".join(f"{k} {v}" for k, v in r["message_formats"].items()))
     if r.get("per_class"):
         lines.append("- per class: " + ", ".join(f"{k} {v}" for k, v in r["per_class"].items()))
     if r.get("image_sizes"):

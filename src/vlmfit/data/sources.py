@@ -1,6 +1,7 @@
 """Readers for what users arrive with: JSONL / JSON / CSV / Parquet files, image folders (one subfolder per
-class), Hugging Face `save_to_disk` directories and Parquet shards, and hub dataset ids. Each yields raw rows
-(dicts) one at a time, so a large source is never held in memory."""
+class), Hugging Face `save_to_disk` directories and Parquet shards, hub dataset ids and vlmfit's builtin sets.
+Each yields raw rows (dicts) one at a time, so a large source is never held in memory. Rows of `datasets`
+sources come with their images undecoded ({"bytes", "path"} dicts, also inside lists) and class labels as names."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from vlmfit.errors import UserError
 
 @dataclass
 class Source:
-    kind: str  # jsonl | json | csv | parquet | imagefolder | hf_disk | parquet_dir | hub
+    kind: str  # jsonl | json | csv | parquet | imagefolder | hf_disk | parquet_dir | hub | builtin
     location: str
     base_dir: Path  # image paths in rows are relative to this
     root: Path  # image paths must stay inside this
@@ -24,8 +25,24 @@ class Source:
         """(row number, row) pairs; a row that cannot even be parsed comes as an exception to be reported."""
         yield from enumerate(_READERS[self.kind](self))
 
+    def class_names(self, column: str) -> list[str] | None:
+        """The names of a ClassLabel column, in their order, for sources that declare one."""
+        import datasets
+
+        if self.kind not in _DATASETS:
+            return None
+        for split in _DATASETS[self.kind](self):
+            feature = split.features.get(column)
+            return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        return None
+
 
 def open_source(source: str) -> Source:
+    if source.startswith("builtin:"):
+        from vlmfit.data.builtin import load_builtin
+
+        load_builtin(source.split(":", 1)[1])  # an unknown name fails here, with the names there are
+        return Source("builtin", source, Path.cwd(), Path.cwd())
     p = Path(source).expanduser()
     if p.is_file():
         kind = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}.get(p.suffix.lower())
@@ -42,7 +59,11 @@ def open_source(source: str) -> Source:
         raise UserError("directory is not a dataset: no class subfolders, Parquet shards or save_to_disk files", where=source)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return Source("hub", source, Path.cwd(), Path.cwd())
-    raise UserError("data source not found", where=source, hint="give a file, a directory, a hub dataset id or builtin:mnist")
+    from vlmfit.data.builtin import BUILTIN
+
+    raise UserError("data source not found", where=source,
+                    hint="give a file, a directory, a hub dataset id (owner/name) or one of "
+                         + ", ".join(f"builtin:{k}" for k in BUILTIN))
 
 
 def _jsonl(src: Source):
@@ -103,35 +124,49 @@ def _imagefolder(src: Source):
 def _datasets_rows(ds):
     import datasets
 
-    # Undecoded images: validation wants the bytes, and decoding happens once, in validation.
-    for name, feat in ds.features.items():
-        if isinstance(feat, datasets.Image):
-            ds = ds.cast_column(name, datasets.Image(decode=False))
-    yield from ds
+    # Undecoded images (top level and inside lists): validation wants the bytes, and decodes each image once.
+    # Class labels as their names: a label is what the model learns to say, not an index into a hidden list.
+    names = {k: f for k, f in ds.features.items() if isinstance(f, datasets.ClassLabel)}
+    for row in ds.to_iterable_dataset().decode(False):
+        for k, f in names.items():
+            if isinstance(row.get(k), int) and row[k] >= 0:
+                row[k] = f.int2str(row[k])
+        yield row
 
 
-def _hf_disk(src: Source):
+def _disk_splits(src: Source) -> list:
     import datasets
 
     d = datasets.load_from_disk(src.location)
-    for split in d.values() if isinstance(d, datasets.DatasetDict) else [d]:
-        yield from _datasets_rows(split)
+    return list(d.values()) if isinstance(d, datasets.DatasetDict) else [d]
 
 
-def _hub(src: Source):
+def _hub_splits(src: Source) -> list:
     import datasets
 
     try:
-        d = datasets.load_dataset(src.location)
+        return list(datasets.load_dataset(src.location).values())
     except Exception as e:  # the hub client raises many types; the user needs the id and the reason
         raise UserError(f"could not load hub dataset: {str(e).splitlines()[0]}", where=src.location,
                         hint="check the id and your network (HF_DATASETS_OFFLINE=1 reads the cache only)") from None
-    for split in d.values():
+
+
+def _builtin_splits(src: Source) -> list:
+    from vlmfit.data.builtin import load_builtin
+
+    return list(load_builtin(src.location.split(":", 1)[1]).values())
+
+
+_DATASETS = {"hf_disk": _disk_splits, "hub": _hub_splits, "builtin": _builtin_splits}
+
+
+def _datasets_source(src: Source):
+    for split in _DATASETS[src.kind](src):
         yield from _datasets_rows(split)
 
 
 _READERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet, "parquet_dir": _parquet_dir,
-            "imagefolder": _imagefolder, "hf_disk": _hf_disk, "hub": _hub}
+            "imagefolder": _imagefolder, **dict.fromkeys(_DATASETS, _datasets_source)}
 
 # Column names tried, in order, when the recipe does not name them.
 AUTO_COLUMNS = {

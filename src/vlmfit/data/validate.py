@@ -29,7 +29,12 @@ class LoadedImage:
 
 
 def _open_bytes(value, base_dir: Path, root: Path, column: str) -> tuple[bytes, str]:
-    """Raw bytes of an image given as a path (relative to the source file), a {bytes, path} dict, or bytes."""
+    """Raw bytes of an image given as a path (relative to the source file), a {bytes, path} dict, bytes, or a
+    decoded PIL image (encoded losslessly as PNG)."""
+    if isinstance(value, Image.Image):
+        buf = io.BytesIO()
+        value.save(buf, format="PNG")
+        return buf.getvalue(), "<decoded image>"
     if isinstance(value, dict):
         if value.get("bytes"):
             return value["bytes"], value.get("path") or "<embedded>"
