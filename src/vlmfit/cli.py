@@ -30,15 +30,30 @@ def _recipe_path(name: str) -> Path:
 
 
 @app.command()
-def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None,
+def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")] = None,
+          set: SetOpt = None,
+          resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this run directory from its last complete checkpoint")] = None,
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory of the same name")] = False,
           force: Annotated[bool, typer.Option("--force", help="train even if the memory plan predicts it will not fit")] = False,
           profile: Annotated[bool, typer.Option("--profile", help="time each step's parts (data, vision, language, loss, optimizer); supervised recipes")] = False):
-    """Fine-tune a model as the recipe says; writes a run directory."""
+    """Fine-tune a model as the recipe says (or continue a run with --resume); writes a run directory."""
     from vlmfit.config import load_config
     from vlmfit.memory.plan import preflight
+    from vlmfit.rundir import RunDir
     from vlmfit.train.sft import train_sft
 
-    cfg = load_config(_recipe_path(recipe), set)
+    if resume is not None:
+        if recipe is not None or set:
+            raise UserError("--resume continues a run with its own recipe (config.yaml in the run directory)",
+                            where="--resume", hint=f"run `vlmfit train --resume {resume}` alone; to change the recipe, start a new run")
+        run_dir = RunDir.open(resume, where="--resume")
+        cfg = run_dir.config()
+    elif recipe is None:
+        raise UserError("Missing argument 'RECIPE'", where="vlmfit train",
+                        hint="give a recipe (`vlmfit train recipes/demo.yaml`) or a run to continue (`vlmfit train --resume RUN_DIR`)")
+    else:
+        run_dir = None
+        cfg = load_config(_recipe_path(recipe), set)
     from vlmfit.models.load import check_model, is_dual_encoder
 
     _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo")  # fail fast: before data
@@ -50,13 +65,15 @@ def train(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the 
     if cfg.method == "zo":
         from vlmfit.train.zo import train_zo
 
-        run = train_zo(cfg, console)
+        if run_dir is not None:
+            raise UserError("resuming method zo is not supported yet", where="--resume", hint="start the zo run again")
+        run = train_zo(cfg, console, overwrite=overwrite)
     elif cfg.method == "dpo":
         from vlmfit.train.dpo import train_dpo
 
-        run = train_dpo(cfg, console)
+        run = train_dpo(cfg, console, resume=run_dir, overwrite=overwrite)
     else:
-        run = train_sft(cfg, console, profile=profile)
+        run = train_sft(cfg, console, profile=profile, resume=run_dir, overwrite=overwrite)
     console.print(f"[green]done[/]: {run}")
 
 

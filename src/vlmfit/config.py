@@ -153,6 +153,14 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, ge=1)
     dataloader_workers: int = Field(0, ge=0, description="processes that collate batches ahead of the training step "
                                     "(0: in the training process)")
+    save_steps: int = Field(200, ge=1, description="write a resumable checkpoint every this many optimizer steps (and "
+                            "at the end): weights, optimizer, scheduler, RNG states, data position")
+    save_total_limit: int = Field(2, ge=1, description="keep this many most recent checkpoints")
+    on_divergence: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient norm (or one above divergence_grad_norm): stop the run at the "
+        "last good checkpoint, or skip that optimizer step; either way the step and its batch rows are reported")
+    divergence_grad_norm: float | None = Field(None, gt=0, description="a gradient norm above this counts as divergence "
+                                               "(None: only non-finite ones)")
 
 
 class EvalConfig(_Section):

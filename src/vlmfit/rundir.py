@@ -25,7 +25,8 @@ EVAL_AFTER = "eval_after.json"
 LORA_TARGETS = "lora_targets.json"
 LOSS_PLOT = "loss.png"
 REPORT = "report.md"
-CHECKPOINTS = "checkpoints"  # the Trainer's output_dir
+CHECKPOINTS = "checkpoints"  # the Trainer's output_dir: checkpoint-<step>/ (resumable), the last train.save_total_limit
+CHECKPOINT_DONE = "vlmfit_checkpoint.json"  # written last, by rename: a checkpoint without it is incomplete, never used
 PROCESSOR = "processor"  # the processor the run trained with (resolution caps applied)
 MODEL = "model"  # full weights (full fine-tuning, or a merged DPO policy), with the processor: loads as is
 ADAPTER = "adapter"  # a PEFT adapter on the base model of config.yaml
@@ -83,6 +84,8 @@ class RunSummary:
     dpo: dict | None = None
     zo: dict | None = None
     peak_memory_bytes: int | None = None
+    resumed_from: list[int] | None = None  # the checkpoint steps this run was resumed from, in order
+    divergence: list[dict] | None = None  # steps the divergence guard skipped or stopped at, with their rows
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSummary":
@@ -108,14 +111,23 @@ class RunDir:
 
     # -- create / open ----------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, cfg: RunConfig) -> "RunDir":
+    def create(cls, cfg: RunConfig, overwrite: bool = False) -> "RunDir":
         name = cfg.output.name or "{}-{}-{}".format(
             cfg.model.name.replace(":", "-").replace("/", "-"), cfg.method, _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         )
         path = Path(cfg.output.dir) / name
         if path.exists() and any(path.iterdir()):
-            raise UserError(f"run directory '{path}' already exists and is not empty", where="output.name",
-                            hint="choose another output.name or leave it unset for a timestamped name")
+            if not overwrite:
+                what = "holds another run" if (path / CONFIG).is_file() else "is not empty"
+                raise UserError(f"run directory '{path}' already exists and {what}", where="output.name",
+                                hint="choose another output.name (or leave it unset for a timestamped name), resume it with "
+                                     f"`vlmfit train --resume {path}`, or replace it with --overwrite")
+            if not (path / CONFIG).is_file():
+                raise UserError(f"'{path}' is not a run directory; --overwrite only replaces runs", where="output.name",
+                                hint="choose another output.name")
+            import shutil
+
+            shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
         (path / CONFIG).write_text(cfg.to_yaml())
@@ -172,6 +184,53 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"checkpoint-{step}"
+
+    def complete_checkpoint(self, step: int, info: dict) -> Path:
+        """Mark checkpoint-<step> complete (after the Trainer wrote it): the resolved recipe beside the weights, so
+        the checkpoint evaluates or exports on its own, then the marker, written to a temporary name and renamed."""
+        import os
+        import shutil
+
+        path = self.checkpoint(step)
+        if (self.path / CONFIG).is_file():
+            shutil.copyfile(self.path / CONFIG, path / CONFIG)
+        tmp = path / f".{CHECKPOINT_DONE}.tmp"
+        tmp.write_text(json.dumps({"step": step, **info}, indent=2) + "\n")
+        os.replace(tmp, path / CHECKPOINT_DONE)
+        return path
+
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every complete checkpoint, oldest first."""
+        out = []
+        for p in self.checkpoints.glob("checkpoint-*") if self.checkpoints.is_dir() else []:
+            if (p / CHECKPOINT_DONE).is_file() and p.name.split("-")[-1].isdigit():
+                out.append((int(p.name.split("-")[-1]), p))
+        return sorted(out)
+
+    def checkpoint_info(self, path: Path) -> dict:
+        return json.loads((path / CHECKPOINT_DONE).read_text())
+
+    def drop_incomplete_checkpoints(self) -> list[str]:
+        """Remove checkpoint directories a kill or a full disk left half-written; their names."""
+        import shutil
+
+        done = {p for _, p in self.complete_checkpoints()}
+        dropped = []
+        for p in self.checkpoints.glob("checkpoint-*") if self.checkpoints.is_dir() else []:
+            if p not in done:
+                shutil.rmtree(p, ignore_errors=True)
+                dropped.append(p.name)
+        return dropped
+
+    def truncate_metrics(self, step: int) -> int:
+        """Keep the metrics records up to `step` (a resume redoes the steps after its checkpoint); how many went."""
+        records = self.metrics()
+        keep = [r for r in records if r.get("step", 0) <= step and "train_runtime" not in r]
+        (self.path / METRICS).write_text("".join(json.dumps(r) + "\n" for r in keep))
+        return len(records) - len(keep)
 
     def drop_empty_checkpoints(self) -> None:
         """The Trainer makes its output_dir even with save_strategy "no": don't leave an empty folder in the run."""

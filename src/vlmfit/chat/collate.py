@@ -19,6 +19,8 @@ from vlmfit.models.families import Family, family_of_processor, get_family
 from vlmfit.models.loss import IGNORE_INDEX  # re-exported: the label value the loss ignores
 
 # How labels find the loss positions, in words (logs, doctor, reports).
+ROW = "vlmfit_row"  # an example's index in the train split, when the recipe adds it: batches carry it (see __call__)
+
 LABEL_METHODS = {
     "markers": "the family's assistant turn markers",
     "prefix": "template-agnostic: rendering the conversation prefix by prefix",
@@ -219,6 +221,8 @@ class VisionChatCollator:
         batch["labels"] = labels
         if self.max_length is not None and input_ids.shape[1] > self.max_length:
             batch = self._truncate(batch, media, examples)
+        if all(ROW in ex for ex in examples):  # which rows a training step saw (the divergence guard names them)
+            batch[ROW] = torch.tensor([ex[ROW] for ex in examples])
         return batch
 
     def _reply_mask(self, example: dict, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -281,6 +285,9 @@ class PreferenceCollator:
     def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
         examples = [self._conversation(p, "chosen") for p in pairs] + [self._conversation(p, "rejected") for p in pairs]
         batch = self.chat(examples)
+        batch.pop(ROW, None)
+        if all(ROW in p for p in pairs):
+            batch[ROW] = torch.tensor([p[ROW] for p in pairs])
         # Assistant turns inside the prompt are labelled too; the reply starts after as many labelled spans.
         skip = [sum(m["role"] == "assistant" for m in p["prompt"]) for p in pairs] * 2
         batch["completion_mask"] = reply_mask(batch.pop("labels") != IGNORE_INDEX, skip).long()

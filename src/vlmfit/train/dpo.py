@@ -28,11 +28,14 @@ from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, ena
                                    resolve_for)
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.trainer import RichProgress, final_loss, param_counts, quiet_printing, report_targets, trainer_arguments
+from vlmfit.train.trainer import (DivergenceGuard, callbacks, final_loss, param_counts, quiet_printing, report_targets,
+                                  require_disk_for_checkpoints, resume_point, run_training, trainer_arguments, vlmfit_trainer,
+                                  with_row_ids)
 
 
-def train_dpo(cfg: RunConfig, console: Console | None = None) -> Path:
-    """Run the recipe end to end and return the run directory."""
+def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | None = None, overwrite: bool = False) -> Path:
+    """Run the recipe end to end and return the run directory (`resume`: continue that run from its last complete
+    checkpoint, exactly)."""
     console = console or Console()
     if cfg.train.loss_on != "assistant":
         raise UserError("DPO compares the final replies of each pair; train.loss_on: all does not apply",
@@ -42,6 +45,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None) -> Path:
                         hint="dpo.tuning: lora trains adapters on the quantized base (QLoRA), or set model.quantization: none")
     set_seed(cfg.train.seed)
     check_model(cfg.model.name, cfg.model.revision)  # a wrong model name fails before any data is prepared
+    start_point = resume_point(resume) if resume else None
     if cfg.dpo.init_from:
         start_run(cfg)  # an init_from that is not a run directory fails before any data is prepared
     data = load_pairs(cfg)
@@ -51,19 +55,23 @@ def train_dpo(cfg: RunConfig, console: Console | None = None) -> Path:
     console.print(f"family [bold]{loaded.family.name}[/]; {len(data.train)} training pairs ({data.kinds}); replies "
                   f"found by {chat.label_method} ({LABEL_METHODS[chat.label_method]})")
     train_pairs, length_report = apply_length_policy(data.train, collator, cfg, console)
-    run = RunDir.create(cfg)  # only once every check above has passed
-    console.print(f"[bold]run directory[/] {run.path}")
+    train_pairs = with_row_ids(train_pairs)
+    require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
+    run = resume or RunDir.create(cfg, overwrite)  # only once every check above has passed
+    console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start_point[0]})" if start_point else ""))
 
-    trainer, reference = make_trainer(loaded, collator, train_pairs, cfg, run, console, start)
+    source_rows = train_pairs["source_row"] if "source_row" in train_pairs.column_names else None
+    guard = DivergenceGuard(cfg, run, source_rows)
+    trainer, reference = make_trainer(loaded, collator, train_pairs, cfg, run, console, start, guard)
     model, ref_model = trainer.model, trainer.ref_model
     console.print(f"reference: {reference}")
     # Evaluation scores whole sequences (no max_length): it needs no gradients and nothing is cut.
     scorer = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
-    if cfg.eval.before:
+    if cfg.eval.before and not (resume and run.evals()[0] is not None):
         run.write_eval("before", evaluate(model, ref_model, scorer, data, cfg, console, "before training"))
 
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = run_training(trainer, run, guard, start_point[1] if start_point else None)
     train_seconds = time.perf_counter() - t0
     params = param_counts(model)
 
@@ -81,6 +89,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None) -> Path:
         method="dpo", steps=result.global_step, train_seconds=train_seconds, final_loss=final_loss(run), **params,
         train_examples=len(train_pairs), test_examples=len(data.test), weights=weights,
         label_method=LABEL_METHODS[chat.label_method], lengths=length_report,
+        resumed_from=[start_point[0]] if start_point else None, divergence=guard.events or None,
         dpo={"tuning": cfg.dpo.tuning, "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type, "reference": reference,
              "start": str(cfg.dpo.init_from or cfg.model.name), "pairs": data.kinds, "has_task": data.task_test is not None},
     ))
@@ -164,7 +173,7 @@ def load_base(name: str, cfg: RunConfig) -> Loaded:
 
 
 def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg: RunConfig, run: RunDir, console: Console,
-                 start: str = "base"):
+                 start: str = "base", guard: DivergenceGuard | None = None):
     """TRL's DPOTrainer on our pair collator, and a description of the reference the rewards are measured against."""
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
@@ -198,8 +207,10 @@ def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg:
         # identical weights and the rewards would be noise.
         disable_dropout=True,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, data_collator=collator,
-                         processing_class=loaded.processor, peft_config=lora, callbacks=[RichProgress(run)])
+    guard = guard or DivergenceGuard(cfg, run)
+    trainer = vlmfit_trainer(DPOTrainer, guard)(
+        model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, data_collator=collator,
+        processing_class=loaded.processor, peft_config=lora, callbacks=callbacks(run, guard))
     quiet_printing(trainer)
     if cfg.train.gradient_checkpointing:
         drop_input_grad_hooks(trainer.model)  # PEFT re-hooks the inputs when TRL wraps the checkpointed model

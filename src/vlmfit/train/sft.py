@@ -21,16 +21,19 @@ from vlmfit.models.load import Loaded, check_model, load
 from vlmfit.models.targets import enable_checkpointing, make_trainable
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.trainer import (RichProgress, final_loss, labelled_loss, param_counts, quiet_printing, report_targets,
-                                  trainer_arguments)
+from vlmfit.train.trainer import (DivergenceGuard, callbacks, final_loss, param_counts, quiet_printing, report_targets,
+                                  require_disk_for_checkpoints, resume_point, run_training, trainer_arguments, vlmfit_trainer,
+                                  with_row_ids)
 
 
-def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = False) -> Path:
+def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = False, resume: RunDir | None = None,
+              overwrite: bool = False) -> Path:
     """Run the recipe end to end and return the run directory (`profile`: where each step's time goes, printed
-    and in profile.json)."""
+    and in profile.json; `resume`: continue that run from its last complete checkpoint, exactly)."""
     console = console or Console()
     set_seed(cfg.train.seed)
     check_model(cfg.model.name, cfg.model.revision)  # a wrong model name fails before any data is prepared
+    start = resume_point(resume) if resume else None
     splits = load_splits(cfg)
     require_chat(splits)
     loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
@@ -38,16 +41,20 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
                   f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
     train_ds, length_report = apply_length_policy(splits.train, collator, cfg, console)
-    run = RunDir.create(cfg)  # only once every check above has passed
-    console.print(f"[bold]run directory[/] {run.path}")
+    train_ds = with_row_ids(train_ds)
+    require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
+    run = resume or RunDir.create(cfg, overwrite)  # only once every check above has passed
+    console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start[0]})" if start else ""))
 
-    if cfg.eval.before:
+    if cfg.eval.before and not (resume and run.evals()[0] is not None):
         run.write_eval("before", evaluate_task(loaded.model, collator, splits.test, splits.labels, cfg.eval, console, "before training"))
 
     model, resolved = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
     if resolved is not None:
         report_targets(resolved, console, run)
-    trainer = make_trainer(model, loaded, collator, train_ds, cfg, run)
+    source_rows = train_ds["source_row"] if "source_row" in train_ds.column_names else None
+    guard = DivergenceGuard(cfg, run, source_rows)
+    trainer = make_trainer(model, loaded, collator, train_ds, cfg, run, guard)
     profiler = None
     if profile:
         from vlmfit.train.profile import StepProfiler
@@ -56,7 +63,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         profiler.attach(trainer.model, loaded.family)
         trainer.add_callback(profiler)
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = run_training(trainer, run, guard, start[1] if start else None)
     train_seconds = time.perf_counter() - t0
     if profiler is not None and profiler.steps:
         from vlmfit.train.profile import profile_table
@@ -72,23 +79,25 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         method=cfg.method, steps=result.global_step, train_seconds=train_seconds, final_loss=final_loss(run),
         **param_counts(model), train_examples=len(train_ds), test_examples=len(splits.test), weights=weights,
         label_method=LABEL_METHODS[collator.label_method], lengths=length_report,
+        resumed_from=[start[0]] if start else None, divergence=guard.events or None,
     ))
     plot_loss(run)
     write_report(run)
     return run.path
 
 
-def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir):
+def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir, guard: DivergenceGuard | None = None):
     from trl import SFTConfig, SFTTrainer
 
+    guard = guard or DivergenceGuard(cfg, run)
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
-    trainer = (labelled_loss(SFTTrainer) if cfg.train.lean_loss else SFTTrainer)(
+    trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss)(
         model=model,
         args=SFTConfig(**trainer_arguments(cfg, run)),
         train_dataset=train_ds,
         processing_class=loaded.processor,
         data_collator=collator,
-        callbacks=[RichProgress(run)],
+        callbacks=callbacks(run, guard),
     )
     quiet_printing(trainer)
     return trainer

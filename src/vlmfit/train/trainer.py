@@ -1,17 +1,24 @@
-"""What the TRL-based recipes (sft, dpo) share: the TrainingArguments, the progress/metrics callback, the LoRA
+"""What the TRL-based recipes (sft, dpo) share: the TrainingArguments, the trainer class (lean loss, divergence
+guard, batch rows), checkpoints and resume, clean stops on SIGINT / SIGTERM, the progress/metrics callback, the LoRA
 targets report, and the run summary's common fields. Leaves only: nothing here knows a recipe."""
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
+import signal
 
 import torch
 from rich.console import Console
 from transformers import PrinterCallback, TrainerCallback
 
+from vlmfit.chat.collate import ROW
 from vlmfit.config import RunConfig
+from vlmfit.errors import UserError
 from vlmfit.models.loss import causal_lm_loss
-from vlmfit.rundir import LORA_TARGETS, RunDir
+from vlmfit.rundir import ENVIRONMENT, LORA_TARGETS, RunDir, environment
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
 
@@ -38,29 +45,276 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         bf16=bf16,  # TRL's default is bf16 on, which a CPU run must not get by accident
         fp16=t.precision == "fp16",
         logging_steps=t.logging_steps,
-        save_strategy="no",
+        save_strategy="steps",  # and at the end (the Trainer's rule for "steps")
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
         report_to="none",
         seed=t.seed,
         disable_tqdm=True,
+        # vlmfit's collators read the columns they need; the rest (ROW: the rows the divergence guard names) must
+        # reach them, where TRL would keep only its own column names.
+        remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
         dataloader_persistent_workers=t.dataloader_workers > 0,  # not re-forked every epoch
         dataloader_pin_memory=use_cuda,
     )
 
 
-def labelled_loss(trainer_class):
-    """`trainer_class` (TRL's SFTTrainer) with its loss computed by models.loss.causal_lm_loss: the LM head only at
-    the labelled positions, never full logits. Trainer.compute_loss is the documented place to change the loss; the
-    normalisation follows the Trainer's (its global count of labelled tokens when the model takes loss kwargs,
-    else this micro-batch's mean, which the Trainer then divides by the accumulation steps)."""
+class Stopped(UserError):
+    """The run stopped before its end (signal, divergence, full disk) with a resumable checkpoint: not a traceback,
+    and an exit code of its own (3; 128 + the signal for a signal)."""
 
-    class LabelledLoss(trainer_class):
+    exit_code = 3
+
+    def __init__(self, what: str, *, where: str | None = None, hint: str | None = None, exit_code: int = 3):
+        super().__init__(what, where=where, hint=hint)
+        self.exit_code = exit_code
+
+
+def with_row_ids(ds):
+    """The train split with each example's index in it (column ROW): the divergence guard names the rows of a bad
+    step. add_column adds one column beside the table, without rewriting the images."""
+    return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(len(ds))))
+
+
+def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False):
+    """`trainer_class` (TRL's SFTTrainer or DPOTrainer) as vlmfit runs it:
+    - with `lean_loss`, the loss is models.loss.causal_lm_loss: the LM head only at the labelled positions, never
+      full logits. Trainer.compute_loss is the documented place to change the loss; the normalisation follows the
+      Trainer's (its global count of labelled tokens when the model takes loss kwargs, else this micro-batch's mean,
+      which the Trainer then divides by the accumulation steps). Without it, the trainer's own loss, unchanged.
+    - the batch rows (ROW, put there by the collators) are taken out before the model sees the batch, for the guard;
+    - every optimizer step's gradient norm (before clipping: the value the Trainer logs) goes through the guard,
+      which can drop the step's gradients (the optimizer then skips every parameter) or stop the run."""
+
+    class VlmfitTrainer(trainer_class):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            rows = inputs.pop(ROW, None)
+            if rows is not None:
+                guard.rows.extend(rows.tolist())
+            if not lean_loss:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
             return (loss, None) if return_outputs else loss
 
-    LabelledLoss.__name__ = f"LabelledLoss{trainer_class.__name__}"
-    return LabelledLoss
+        def _get_grad_norm(self, model, grad_norm=None):
+            # The one place of transformers' loop that sees each step's pre-clip norm before optimizer.step()
+            # (tests/test_resume.py turns red if a transformers release stops calling it).
+            norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+            guard.check(self, model, norm)
+            return norm
+
+    VlmfitTrainer.__name__ = f"Vlmfit{trainer_class.__name__}"
+    return VlmfitTrainer
+
+
+class DivergenceGuard(TrainerCallback):
+    """A non-finite gradient norm (a NaN or inf loss makes one) or one above train.divergence_grad_norm: the step's
+    gradients are dropped so the optimizer leaves the weights as they were, the step, its norm and its batch rows
+    go to metrics.jsonl, and with train.on_divergence: stop the run ends there, without a checkpoint of that step."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, source_rows: list | None = None):
+        self.action, self.limit, self.run, self.source_rows = cfg.train.on_divergence, cfg.train.divergence_grad_norm, run, source_rows
+        self.rows: list[int] = []  # the current optimizer step's rows (all its micro-batches)
+        self.events: list[dict] = []
+        self.stopped: dict | None = None
+
+    def check(self, trainer, model, norm) -> None:
+        rows, self.rows = self.rows, []
+        value = float(norm) if norm is not None else math.nan
+        if math.isfinite(value) and (self.limit is None or value <= self.limit):
+            return
+        for p in model.parameters():
+            p.grad = None  # torch's and bitsandbytes' optimizers skip a parameter without a gradient
+        step = trainer.state.global_step + 1
+        event = {"step": step, "grad_norm": value if math.isfinite(value) else str(value), "action": self.action,
+                 "rows": rows, **({"source_rows": [self.source_rows[r] for r in rows]} if self.source_rows else {})}
+        self.events.append(event)
+        self.run.log_metrics({"step": step, "divergence": event})
+        if self.action == "stop":
+            self.stopped = event
+            trainer.control.should_training_stop = True
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.stopped is not None and self.stopped["step"] == state.global_step:
+            control.should_save = False  # the last good checkpoint is the one before
+
+    def describe(self, event: dict) -> str:
+        rows = event.get("source_rows", event["rows"])
+        which = "source rows" if "source_rows" in event else "train rows"
+        return f"step {event['step']}: gradient norm {event['grad_norm']} on {which} {rows}"
+
+
+class Checkpoints(TrainerCallback):
+    """After each checkpoint the Trainer writes: the recipe beside it and the completion marker (RunDir)."""
+
+    def __init__(self, run: RunDir):
+        self.run = run
+
+    def on_save(self, args, state, control, **kw):
+        if args.should_save:  # rank 0
+            self.run.complete_checkpoint(state.global_step, {"world_size": args.world_size, "epoch": state.epoch})
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM during training: finish the current step, write a checkpoint, stop. A second SIGINT stops
+    at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.step: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def on_train_begin(self, args, state, control, **kw):
+        try:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: no handlers, the default behaviour stays
+            self._previous = {}
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.signum is not None:
+            self.step = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kw):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+
+def callbacks(run: RunDir, guard: DivergenceGuard) -> list:
+    return [RichProgress(run), Checkpoints(run), guard, StopOnSignal()]
+
+
+def stopper_of(trainer) -> StopOnSignal:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StopOnSignal))
+
+
+def run_training(trainer, run: RunDir, guard: DivergenceGuard, resume_from=None):
+    """trainer.train(), resumable, with the ways a run can stop early turned into one clear message each."""
+    if resume_from is not None:
+        restore_full_weights(trainer.model, resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        run.drop_incomplete_checkpoints()
+        raise Stopped(f"the disk is full ({e.strerror}) at step {trainer.state.global_step}", where=str(run.path),
+                      hint=_resume_hint(run, "free some space, then")) from None
+    stopper = stopper_of(trainer)
+    if stopper.signum is not None:
+        name = signal.Signals(stopper.signum).name
+        raise Stopped(f"stopped by {name} after step {stopper.step}; checkpoint written", where=str(run.path),
+                      hint=_resume_hint(run), exit_code=128 + stopper.signum)
+    if guard.stopped is not None:
+        raise Stopped(f"training diverged at {guard.describe(guard.stopped)}; stopped (train.on_divergence: stop)",
+                      where=str(run.path), hint=_resume_hint(run, "lower train.lr or raise train.warmup_ratio in a new run, "
+                                                             "set train.on_divergence: skip, or inspect those rows;"))
+    return result
+
+
+def restore_full_weights(model, checkpoint) -> None:
+    """Full weights of a checkpoint into `model`, through from_pretrained. Needed because the Trainer's own resume
+    loads model.safetensors with a raw, non-strict load_state_dict, while transformers 5 saves VLMs under the hub
+    checkpoint's key names (model.embed_tokens, not model.language_model.embed_tokens): the keys miss, a warning is
+    logged, and the run silently continues from the base weights (QwenLM/Qwen3-VL#1763). PEFT adapters load by
+    PEFT's own mapping and need nothing here. The loaded copy matches `model` key for key (strict)."""
+    from peft import PeftModel
+
+    from vlmfit.models.load import load_model
+
+    if isinstance(model, PeftModel):
+        return
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    saved = load_model(str(checkpoint), dtype, None, "none", True)
+    model.load_state_dict(saved.state_dict(), strict=True)
+    del saved
+
+
+def _resume_hint(run: RunDir, before: str = "") -> str:
+    done = run.complete_checkpoints()
+    if not done:
+        return f"{before} no complete checkpoint yet: start the run again".strip()
+    return f"{before} resume from {done[-1][1].name}: vlmfit train --resume {run.path}".strip()
+
+
+# Packages whose versions must match for a resume to continue exactly (kernels, optimizer and checkpoint formats).
+RESUME_PACKAGES = ("vlmfit", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes")
+
+
+def resume_point(run: RunDir):
+    """The checkpoint to resume `run` from, after checking that resuming is safe here; incomplete checkpoints
+    (killed mid-write) are removed, and metrics after the checkpoint dropped (those steps run again)."""
+    if run.read_json("summary.json") is not None:
+        raise UserError("this run finished; there is nothing to resume", where=str(run.path),
+                        hint="start a new run (another output.name), or evaluate / export this one")
+    then = (run.read_json(ENVIRONMENT) or {}).get("packages", {})
+    now = environment()["packages"]
+    changed = [f"{p} {then.get(p)} -> {now.get(p)}" for p in RESUME_PACKAGES if then.get(p) != now.get(p)]
+    if changed:
+        raise UserError(f"the run was written with other package versions ({'; '.join(changed)}); a resume would not "
+                        "continue exactly", where=str(run.path),
+                        hint=f"install the run's versions (see {ENVIRONMENT}) to resume, or start a new run")
+    dropped = run.drop_incomplete_checkpoints()
+    done = run.complete_checkpoints()
+    if not done:
+        raise UserError("the run has no complete checkpoint to resume from" + (f" ({', '.join(dropped)} was incomplete)" if dropped else ""),
+                        where=str(run.path), hint="it stopped before its first checkpoint (train.save_steps): start it again")
+    step, path = done[-1]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    saved_world = run.checkpoint_info(path).get("world_size", 1)
+    if saved_world != world:
+        raise UserError(f"the checkpoint was written by {saved_world} processes, this is {world}: the data order and "
+                        "the optimizer shards would not continue exactly", where=str(path),
+                        hint=f"resume with {saved_world} processes (vlmfit launch --nproc {saved_world})")
+    run.truncate_metrics(step)
+    return step, path
+
+
+def require_disk_for_checkpoints(loaded, cfg: RunConfig, where) -> None:
+    """Refuse before the run directory is made when its disk cannot hold a checkpoint (the Trainer writes a new one
+    before it deletes the oldest): weights or adapter plus the optimizer state of every trained value."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from vlmfit.models.targets import resolve_for
+
+    model = loaded.model
+    states = {"sgd": 4, "adamw": 8}.get(cfg.train.optim, 2)  # bytes of optimizer state per trained value
+    full = cfg.method == "full" or (cfg.method == "dpo" and cfg.dpo.tuning == "full")
+    if full:
+        trained = sum(p.numel() for p in model.parameters())
+        need = sum(p.numel() * p.element_size() for p in model.parameters()) + trained * states
+    elif isinstance(model, PeftModel):  # DPO continuing an earlier run's adapter: what it trains is there already
+        need = sum(p.numel() for p in model.parameters() if p.requires_grad) * (4 + states)
+    else:
+        resolved = resolve_for(model, loaded.family, cfg.lora)
+        modules = dict(model.named_modules())
+        trained = sum(cfg.lora.r * (modules[m].in_features + modules[m].out_features) for m in resolved.modules
+                      if hasattr(modules[m], "in_features"))
+        trained += sum(p.numel() for m in resolved.fully_trained for p in modules[m].parameters())
+        need = trained * (4 + states)
+    path = Path(where)
+    while not path.exists():
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < 1.2 * need:
+        raise UserError(f"{_size(free)} free on the disk of {where}, and a checkpoint needs about {_size(need)}",
+                        where="output.dir", hint="free space, or put output.dir on a larger disk")
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def quiet_printing(trainer) -> None:

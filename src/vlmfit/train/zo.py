@@ -24,12 +24,12 @@ from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.zo_targets import make_target, save_tuned
 
 
-def train_zo(cfg: RunConfig, console: Console | None = None) -> Path:
+def train_zo(cfg: RunConfig, console: Console | None = None, overwrite: bool = False) -> Path:
     """Run the recipe end to end and return the run directory."""
     console = console or Console()
     torch.manual_seed(cfg.train.seed)
     target = make_target(cfg, console)
-    run = RunDir.create(cfg)
+    run = RunDir.create(cfg, overwrite)
     console.print(f"[bold]run directory[/] {run.path}")
     console.print(f"zo: {cfg.zo.optimizer} on {target.kind} ({target.dim:,} tuned values), "
                   f"budget {cfg.zo.forward_passes:,} forward passes")

@@ -1,0 +1,259 @@
+"""Issue 14: runs that survive kills. A run SIGKILLed at a random step (or in the middle of writing a checkpoint)
+and resumed ends with the weights of an uninterrupted run, with continuous metrics; SIGTERM stops at a resumable
+checkpoint; a NaN is caught with its step and rows; resuming refuses what it cannot continue exactly."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmfit.config import load_config
+from vlmfit.rundir import CHECKPOINT_DONE, RunDir
+
+STEPS = 8
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())  # rich wraps long messages
+
+
+def recipe(tmp_path, digits, name, method="lora", extra=""):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        model: {{name: tiny:qwen2_vl}}
+        method: {method}
+        data: {{source: {digits}, train_limit: 16, eval_limit: 4}}
+        lora: {{train_fully: [projector]}}
+        train: {{max_steps: {STEPS}, batch_size: 2, lr: 0.01, warmup_ratio: 0.1, logging_steps: 1, save_steps: 2, seed: 5{extra}}}
+        eval: {{before: false, after: false}}
+        output: {{dir: {tmp_path / 'runs'}, name: {name}}}
+        """))
+    return p
+
+
+# A training process that kills itself: at the end of step K, or (where=save) after the Trainer wrote checkpoint-K
+# but before vlmfit marked it complete: a checkpoint truncated mid-write.
+KILLER = textwrap.dedent("""\
+    import os, sys
+    from transformers import TrainerCallback
+    import vlmfit.train.sft as sft
+    from vlmfit.rundir import RunDir
+    path, k, sig, where = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if where == "step" and state.global_step == k:
+                os.kill(os.getpid(), sig)
+
+    made = sft.callbacks
+    sft.callbacks = lambda run, guard: [Kill()] + made(run, guard)
+    complete = RunDir.complete_checkpoint
+    def complete_or_die(self, step, info):
+        if where == "save" and step == k:
+            os.kill(os.getpid(), sig)
+        return complete(self, step, info)
+    RunDir.complete_checkpoint = complete_or_die
+    sys.argv = ["vlmfit", "train", path]
+    from vlmfit.cli import main
+    main()
+    """)
+
+
+def killed_run(tmp_path, path, k, sig=signal.SIGKILL, where="step"):
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, str(script), str(path), str(k), str(int(sig)), where],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def weights(run_dir, method):
+    f = run_dir / ("adapter/adapter_model.safetensors" if method == "lora" else "model/model.safetensors")
+    return load_file(str(f))
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"]) for r in RunDir(run_dir).metrics() if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits):
+    """Uninterrupted runs, in process: what every interrupted run must end with."""
+    from rich.console import Console
+
+    from vlmfit.train.sft import train_sft
+
+    tmp = tmp_path_factory.mktemp("reference")
+    out = {}
+    for method in ("lora", "full"):
+        cfg = load_config(recipe(tmp, digits, f"ref-{method}", method))
+        out[method] = train_sft(cfg, Console(quiet=True))
+    return out
+
+
+@pytest.mark.parametrize("method, where", [("lora", "step"), ("full", "save")])
+def test_sigkill_at_a_random_step_then_resume_ends_with_the_same_weights(vlmfit, reference, digits, tmp_path, method, where):
+    rng = random.Random(os.getpid())  # a random step, printed on failure; a save step when killed mid-save
+    k = rng.randint(3, STEPS - 1) if where == "step" else rng.choice([4, 6])
+    path = recipe(tmp_path, digits, "killed", method)
+    proc = killed_run(tmp_path, path, k, signal.SIGKILL, where)
+    assert proc.returncode == -signal.SIGKILL, (k, proc.stderr[-2000:])
+    run = tmp_path / "runs" / "killed"
+    ckpts = sorted(p.name for p in (run / "checkpoints").glob("checkpoint-*"))
+    if where == "save":  # killed between the Trainer's files and the completion marker
+        assert not (run / "checkpoints" / f"checkpoint-{k}" / CHECKPOINT_DONE).exists() and f"checkpoint-{k}" in ckpts
+    code, out, err = vlmfit("train", "--resume", run)
+    assert code == 0, (k, err)
+    if where == "save":  # resumed from the checkpoint before the truncated one, which was dropped and redone
+        assert json.loads((run / "summary.json").read_text())["resumed_from"] == [k - 2]
+    assert max_diff(weights(run, method), weights(reference[method], method)) <= 1e-6, k
+    # metrics.jsonl: every step once, with the uninterrupted run's losses
+    assert [s for s, _ in losses(run)] == list(range(1, STEPS + 1)), (k, losses(run))
+    assert [v for _, v in losses(run)] == pytest.approx([v for _, v in losses(reference[method])], abs=1e-6)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["resumed_from"] and summary["resumed_from"][0] < k
+    if method == "lora":  # the fully trained projector stayed trainable through the resume (and was trained)
+        trained = [n for n in weights(run, method) if "modules_to_save" in n or "multi_modal_projector" in n or "merger" in n]
+        assert trained, list(weights(run, method))[:5]
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(vlmfit, reference, digits, tmp_path):
+    k = 3  # not a save step: the checkpoint is the signal's
+    path = recipe(tmp_path, digits, "termed")
+    proc = killed_run(tmp_path, path, k, signal.SIGTERM)
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
+    assert f"stopped by SIGTERM after step {k}" in text and "vlmfit train --resume" in text and "Traceback" not in text
+    run = RunDir(tmp_path / "runs" / "termed")
+    assert [s for s, _ in run.complete_checkpoints()][-1] == k
+    assert not (run.path / "summary.json").exists()
+    code, out, err = vlmfit("train", "--resume", run.path)
+    assert code == 0, err
+    assert max_diff(weights(run.path, "lora"), weights(reference["lora"], "lora")) <= 1e-6
+
+
+def poisoned_collator(monkeypatch, row: int, seen: list):
+    """Batches holding train row `row` get NaN pixel values (a corrupt image tensor): the loss and gradients are NaN."""
+    from vlmfit.chat.collate import ROW, VisionChatCollator
+
+    call = VisionChatCollator.__call__
+
+    def collate(self, examples):
+        batch = call(self, examples)
+        if ROW in batch and row in batch[ROW].tolist():
+            batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+            seen.append(batch[ROW].tolist())
+        return batch
+
+    monkeypatch.setattr(VisionChatCollator, "__call__", collate)
+
+
+@pytest.mark.parametrize("action", ["stop", "skip"])
+def test_a_nan_is_caught_with_its_step_and_rows(vlmfit, digits, tmp_path, monkeypatch, action):
+    seen: list = []
+    poisoned_collator(monkeypatch, row=5, seen=seen)
+    path = recipe(tmp_path, digits, "nan", extra=f", on_divergence: {action}")
+    code, out, err = vlmfit("train", path)
+    text = " ".join((out + err).split())
+    run = RunDir(tmp_path / "runs" / "nan")
+    events = [r["divergence"] for r in run.metrics() if "divergence" in r]
+    assert seen and len(events) == len(seen) >= 1
+    first = events[0]
+    assert first["rows"] == seen[0] and first["grad_norm"] == "nan"
+    if action == "stop":
+        assert code == 3 and f"training diverged at step {first['step']}" in text and str(seen[0]) in text, text
+        assert "Traceback" not in text
+        assert all(s < first["step"] for s, _ in run.complete_checkpoints())  # no checkpoint of the bad step
+    else:
+        assert code == 0, err
+        summary = json.loads((run.path / "summary.json").read_text())
+        assert summary["divergence"] == events and summary["steps"] == STEPS
+        assert all(torch.isfinite(t).all() for t in weights(run.path, "lora").values())  # the bad steps never applied
+
+
+def test_resume_refuses_what_it_cannot_continue_exactly(vlmfit, reference, digits, tmp_path, monkeypatch):
+    import shutil
+
+    finished = reference["lora"]
+    code, out, err = vlmfit("train", "--resume", finished)
+    assert code == 2 and "this run finished" in flat(err)
+    # an unfinished copy of it (summary removed) resumes only with the same package versions and process count
+    run = tmp_path / "copy"
+    shutil.copytree(finished, run)
+    (run / "summary.json").unlink()
+    env = json.loads((run / "environment.json").read_text())
+    env["packages"]["transformers"] = "4.0.0"
+    (run / "environment.json").write_text(json.dumps(env))
+    code, out, err = vlmfit("train", "--resume", run)
+    text = " ".join(err.split())
+    assert code == 2 and "transformers 4.0.0 ->" in text, text
+    shutil.copy(finished / "environment.json", run / "environment.json")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = vlmfit("train", "--resume", run)
+    assert code == 2 and "written by 1 processes, this is 2" in flat(err)
+    monkeypatch.delenv("WORLD_SIZE")
+    for p in (run / "checkpoints").glob("checkpoint-*"):
+        (p / CHECKPOINT_DONE).unlink()  # every checkpoint incomplete
+    code, out, err = vlmfit("train", "--resume", run)
+    assert code == 2 and "no complete checkpoint" in flat(err)
+    code, out, err = vlmfit("train", "recipes/demo.yaml", "--resume", run)
+    assert code == 2 and "--resume continues a run with its own recipe" in flat(err)
+    code, out, err = vlmfit("train", "--resume", tmp_path / "nowhere")
+    assert code == 2 and "not a run directory" in flat(err)
+
+
+def test_an_existing_run_directory_is_never_overwritten_without_overwrite(vlmfit, digits, tmp_path):
+    path = recipe(tmp_path, digits, "again", extra=", max_steps: 1")
+    assert vlmfit("train", path)[0] == 0
+    code, out, err = vlmfit("train", path)
+    text = " ".join(err.split())
+    assert code == 2 and "already exists and holds another run" in text and "--overwrite" in text
+    code, out, err = vlmfit("train", path, "--overwrite")
+    assert code == 0, err
+
+
+def test_too_little_disk_is_refused_before_training_and_a_full_disk_mid_run_is_one_message(vlmfit, digits, tmp_path, monkeypatch):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    import vlmfit.train.trainer as trainer_module
+
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    code, out, err = vlmfit("train", recipe(tmp_path, digits, "small"))
+    text = " ".join(err.split())
+    assert code == 2 and "0.0 MiB free on the disk" in text and "a checkpoint needs about" in text, text
+    assert not (tmp_path / "runs" / "small").exists()  # refused before the run directory was made
+    monkeypatch.setattr(trainer_module.shutil, "disk_usage", real)
+
+    # the disk fills while checkpoint-4 is written: the run ends with the last complete checkpoint intact
+    from vlmfit.rundir import RunDir as R
+
+    complete = R.complete_checkpoint
+
+    def full_at_4(self, step, info):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return complete(self, step, info)
+
+    monkeypatch.setattr(R, "complete_checkpoint", full_at_4)
+    code, out, err = vlmfit("train", recipe(tmp_path, digits, "full-disk"))
+    text = " ".join(err.split())
+    assert code == 3 and "the disk is full" in text and "resume from checkpoint-2" in text and "Traceback" not in text, text
+    run = RunDir(tmp_path / "runs" / "full-disk")
+    assert [s for s, _ in run.complete_checkpoints()] == [2]
+    assert not (run.path / "checkpoints" / "checkpoint-4").exists()  # the half-written one is gone
