@@ -24,15 +24,16 @@ def flat(text: str) -> str:
     return " ".join(text.split())  # rich wraps long messages
 
 
-def recipe(tmp_path, digits, name, method="lora", extra=""):
+def recipe(tmp_path, digits, name, method="lora", extra="", dpo="", after="false"):
     p = tmp_path / f"{name}.yaml"
     p.write_text(textwrap.dedent(f"""\
         model: {{name: tiny:qwen2_vl}}
         method: {method}
+        {dpo}
         data: {{source: {digits}, train_limit: 16, eval_limit: 4}}
         lora: {{train_fully: [projector]}}
         train: {{max_steps: {STEPS}, batch_size: 2, lr: 0.01, warmup_ratio: 0.1, logging_steps: 1, save_steps: 2, seed: 5{extra}}}
-        eval: {{before: false, after: false}}
+        eval: {{before: false, after: {after}, modes: [constrained]}}
         output: {{dir: {tmp_path / 'runs'}, name: {name}}}
         """))
     return p
@@ -52,8 +53,9 @@ KILLER = textwrap.dedent("""\
             if where == "step" and state.global_step == k:
                 os.kill(os.getpid(), sig)
 
+    import vlmfit.train.dpo as dpo
     made = sft.callbacks
-    sft.callbacks = lambda run, guard: [Kill()] + made(run, guard)
+    sft.callbacks = dpo.callbacks = lambda run, guard: [Kill()] + made(run, guard)
     complete = RunDir.complete_checkpoint
     def complete_or_die(self, step, info):
         if where == "save" and step == k:
@@ -103,7 +105,7 @@ def reference(tmp_path_factory, digits):
     return out
 
 
-@pytest.mark.parametrize("method, where", [("lora", "step"), ("full", "save")])
+@pytest.mark.parametrize("method, where", [("lora", "step"), pytest.param("full", "save", marks=pytest.mark.slow)])
 def test_sigkill_at_a_random_step_then_resume_ends_with_the_same_weights(vlmfit, reference, digits, tmp_path, method, where):
     rng = random.Random(os.getpid())  # a random step, printed on failure; a save step when killed mid-save
     k = rng.randint(3, STEPS - 1) if where == "step" else rng.choice([4, 6])
@@ -142,6 +144,25 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(vl
     code, out, err = vlmfit("train", "--resume", run.path)
     assert code == 0, err
     assert max_diff(weights(run.path, "lora"), weights(reference["lora"], "lora")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_dpo_full_resumes_policy_and_keeps_the_starting_reference(vlmfit, digits, tmp_path):
+    """DPO tuned in full: the resumed policy comes from the checkpoint, its reference stays the starting model."""
+    from rich.console import Console
+
+    from vlmfit.train.dpo import train_dpo
+
+    dpo = "dpo: {tuning: full, pairs_from_labels: mixed, beta: 2.0}"
+    train_dpo(load_config(recipe(tmp_path, digits, "dpo-ref", "dpo", dpo=dpo, after="true")), Console(quiet=True))
+    proc = killed_run(tmp_path, recipe(tmp_path, digits, "dpo-cut", "dpo", dpo=dpo, after="true"), 3, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    code, out, err = vlmfit("train", "--resume", tmp_path / "runs" / "dpo-cut")
+    assert code == 0, err
+    a, b = (weights(tmp_path / "runs" / n, "full") for n in ("dpo-ref", "dpo-cut"))
+    assert max_diff(a, b) <= 1e-6
+    ref, cut = (json.loads((tmp_path / "runs" / n / "eval_after.json").read_text())["preference"] for n in ("dpo-ref", "dpo-cut"))
+    assert cut["reward_margin"] == pytest.approx(ref["reward_margin"], abs=1e-5)  # rewards against the same reference
 
 
 def poisoned_collator(monkeypatch, row: int, seen: list):
@@ -257,3 +278,60 @@ def test_too_little_disk_is_refused_before_training_and_a_full_disk_mid_run_is_o
     run = RunDir(tmp_path / "runs" / "full-disk")
     assert [s for s, _ in run.complete_checkpoints()] == [2]
     assert not (run.path / "checkpoints" / "checkpoint-4").exists()  # the half-written one is gone
+
+
+ZO_KILLER = textwrap.dedent("""\
+    import os, signal, sys
+    from vlmfit.train import zo
+    path, at = sys.argv[1], int(sys.argv[2])
+    record = zo.Budget._record
+    def record_then_die(self, stage):
+        record(self, stage)
+        if self.used >= at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    zo.Budget._record = record_then_die
+    sys.argv = ["vlmfit", "train", path]
+    from vlmfit.cli import main
+    main()
+    """)
+
+
+# inside CMA-ES (stage 1) and inside sparse ZO (stage 2)
+@pytest.mark.parametrize("kill_at", [90, pytest.param(260, marks=pytest.mark.slow)])
+def test_a_killed_zo_run_resumes_its_cma_es_state_seeds_and_budget(vlmfit, tmp_path, kill_at):
+    from rich.console import Console
+
+    from vlmfit.train.zo import train_zo
+
+    def zo_recipe(name):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(textwrap.dedent(f"""\
+            model: {{name: tiny:clip, dtype: float32}}
+            method: zo
+            data: {{source: builtin:mnist-noisy, shots_per_class: 4, eval_limit: 100}}
+            zo: {{optimizer: sharpzo, forward_passes: 300, generations: 20, popsize: 8, eval_every: 40, lr: 0.1,
+                  intrinsic_dim: 64, sparsity: 0.5}}
+            train: {{batch_size: 20, seed: 1}}
+            output: {{dir: {tmp_path / 'runs'}, name: {name}}}
+            """))
+        return p
+
+    ref = train_zo(load_config(zo_recipe("zo-ref")), Console(quiet=True))
+    script = tmp_path / "zo_killer.py"
+    script.write_text(ZO_KILLER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(script), str(zo_recipe("zo-cut")), str(kill_at)], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    cut = tmp_path / "runs" / "zo-cut"
+    code, out, err = vlmfit("train", "--resume", cut)
+    assert code == 0, err
+    a, b = (load_file(str(r / "prompt.safetensors"))["context"] for r in (ref, cut))
+    assert (a - b).abs().max().item() <= 1e-6
+    strip = lambda h: [{k: v for k, v in r.items() if k != "train_seconds"} for r in h]  # noqa: E731
+    ra, rb = (json.loads((r / "summary.json").read_text()) for r in (ref, cut))
+    assert strip(rb["zo"]["history"]) == strip(ra["zo"]["history"]) and rb["zo"]["forward_passes"] == 300
+    assert rb["resumed_from"][0] >= kill_at and rb["zo"]["outliers_skipped"] == ra["zo"]["outliers_skipped"]
+    stage = {r["step"]: r.get("stage") for r in ra["zo"]["history"]}[rb["resumed_from"][0]]
+    assert stage == ("cma-es" if kill_at < 200 else "sparse-zo")  # 20 generations x 10 passes, then sparse ZO
+    assert [r["step"] for r in RunDir(cut).metrics()] == [r["step"] for r in RunDir(ref).metrics()]  # no repeats, no gaps

@@ -56,7 +56,8 @@ def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pat
         cfg = load_config(_recipe_path(recipe), set)
     from vlmfit.models.load import check_model, is_dual_encoder
 
-    _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo")  # fail fast: before data
+    _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo",
+                                trust_remote_code=cfg.model.trust_remote_code)  # fail fast: before data
     if not is_dual_encoder(model_type):  # the planner models generative VLMs (a CLIP prompt run needs inference memory)
         preflight(cfg, console, force)  # on a GPU: refuse a run predicted not to fit, with the breakdown and the fix
     if profile and cfg.method in ("zo", "dpo"):
@@ -65,9 +66,7 @@ def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pat
     if cfg.method == "zo":
         from vlmfit.train.zo import train_zo
 
-        if run_dir is not None:
-            raise UserError("resuming method zo is not supported yet", where="--resume", hint="start the zo run again")
-        run = train_zo(cfg, console, overwrite=overwrite)
+        run = train_zo(cfg, console, overwrite=overwrite, resume=run_dir)
     elif cfg.method == "dpo":
         from vlmfit.train.dpo import train_dpo
 

@@ -29,6 +29,10 @@ class ModelConfig(_Section):
     min_pixels: int | None = Field(None, ge=1, description="image resolution floor (Qwen: pixels; one token per 28x28)")
     max_pixels: int | None = Field(None, ge=1, description="image resolution cap (Qwen: pixels; bounds image tokens)")
     max_soft_tokens: int | None = Field(None, ge=1, description="Gemma 4: image tokens per image (70/140/280/560/1120)")
+    trust_remote_code: bool = Field(False, description="run the model repository's own Python code (read it first): "
+                                    "needed only for architectures transformers does not ship")
+    allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin) when there are no safetensors; "
+                               "pickle can run code, so only for files you trust (read with weights_only=True)")
 
 
 class DataConfig(_Section):
@@ -238,7 +242,15 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise UserError(f"override '{item}' is not key=value", where="--set", hint="e.g. --set train.lr=1e-4")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        if not key.strip() or any(not part for part in key.strip().split(".")):
+            raise UserError(f"override '{item}' has no key (or an empty part of one)", where="--set",
+                            hint="e.g. --set train.lr=1e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise UserError(f"the value of '{item}' is not valid YAML ({getattr(e, 'problem', e)})", where=f"--set {key.strip()}",
+                            hint="quote it: --set 'data.prompt=\"...\"'") from None
+        out.append((key.strip(), value))
     return out
 
 
@@ -251,7 +263,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise UserError("recipe file not found", where=str(p), hint="pass the path of a YAML recipe, e.g. recipes/demo.yaml")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"not a text file in UTF-8 (byte {e.start}: {e.reason})", where=str(p),
+                            hint="a recipe is a YAML text file, e.g. recipes/demo.yaml") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{p}:{mark.line + 1}" if mark else str(p)

@@ -52,7 +52,7 @@ class Report:
 
 def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
     rep = Report()
-    ref, _ = check_model(cfg.model.name, cfg.model.revision)
+    ref, _ = check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
     processor = load_processor(ref, cfg.model.revision)
     model = meta_model_of(ref, cfg.model.revision)
     family = family_for(model.config.model_type, processor, cfg.model.name)

@@ -20,7 +20,7 @@ def evaluate_target(target: str, overrides: list[str] | None, console: Console) 
     path = Path(target)
     run = RunDir.open(path) if path.is_dir() else None  # a directory must be a run directory; a file is a recipe
     cfg = run.config(overrides) if run else load_config(path, overrides)
-    _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=False)  # before any data is loaded
+    _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=False, trust_remote_code=cfg.model.trust_remote_code)  # before any data is loaded
     if is_dual_encoder(model_type):
         res = evaluate_prompt(cfg, run, console)
     else:

@@ -65,10 +65,11 @@ def load_processor(ref: str, revision: str | None = None, model_cfg=None):
     """The processor, with the recipe's image-resolution caps (model.min_pixels / max_pixels / max_soft_tokens)."""
     from transformers import AutoProcessor
 
+    remote = bool(getattr(model_cfg, "trust_remote_code", False))
     try:
-        processor = AutoProcessor.from_pretrained(ref, revision=revision)
+        processor = AutoProcessor.from_pretrained(ref, revision=revision, trust_remote_code=remote)
         caps = _resolution_kwargs(processor, model_cfg) if model_cfg is not None else {}
-        return AutoProcessor.from_pretrained(ref, revision=revision, **caps) if caps else processor
+        return AutoProcessor.from_pretrained(ref, revision=revision, trust_remote_code=remote, **caps) if caps else processor
     except OSError as e:
         raise UserError(f"could not load the processor of '{ref}': {str(e).splitlines()[0]}", where="model.name",
                         hint="check the hub id and your network / HF cache (HF_HUB_OFFLINE=1 reads the cache only)") from None
@@ -112,10 +113,13 @@ def quantization_config(quantization: str, double_quant: bool, dtype: torch.dtyp
 
 
 def load_model(ref: str, dtype: str = "auto", revision: str | None = None, quantization: str = "none",
-               double_quant: bool = True) -> torch.nn.Module:
+               double_quant: bool = True, trust_remote_code: bool = False, allow_pickle: bool = False) -> torch.nn.Module:
+    """The weights, from safetensors only unless `allow_pickle` (then transformers reads .bin files with
+    torch.load(weights_only=True)); the repository's own code only with `trust_remote_code`."""
     from transformers import AutoModelForImageTextToText
 
-    kwargs: dict = {"dtype": pick_dtype(dtype), "revision": revision}
+    kwargs: dict = {"dtype": pick_dtype(dtype), "revision": revision, "trust_remote_code": trust_remote_code,
+                    "use_safetensors": None if allow_pickle else True}
     if quantization != "none":
         kwargs["quantization_config"] = quantization_config(quantization, double_quant, kwargs["dtype"], _unquantizable(ref, revision))
         kwargs["device_map"] = {"": 0} if torch.cuda.is_available() else "cpu"  # bnb places the quantized weights
@@ -126,8 +130,18 @@ def load_model(ref: str, dtype: str = "auto", revision: str | None = None, quant
             model.requires_grad_(False)
         return model
     except OSError as e:
+        if not allow_pickle and _pickle_only(ref):
+            raise UserError(f"the weights of '{ref}' are pickle files (.bin / .pt) and there are no safetensors; vlmfit "
+                            "loads safetensors only, since unpickling can run code", where="model.name",
+                            hint="convert the weights to safetensors, or set model.allow_pickle: true for a file you trust "
+                                 "(then read with torch.load(weights_only=True))") from None
         raise UserError(f"could not load the model '{ref}': {str(e).splitlines()[0]}", where="model.name",
                         hint="check the hub id and your network / HF cache (HF_HUB_OFFLINE=1 reads the cache only)") from None
+
+
+def _pickle_only(ref: str) -> bool:
+    p = Path(ref)
+    return p.is_dir() and not any(p.glob("*.safetensors")) and (any(p.glob("*.bin")) or any(p.glob("*.pt")))
 
 
 def family_for(model_type: str, processor, name: str) -> Family:
@@ -144,13 +158,18 @@ def family_for(model_type: str, processor, name: str) -> Family:
     )
 
 
-def model_type_of(ref: str, revision: str | None = None) -> str:
+def model_type_of(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> str:
     """config.model_type of a resolved reference (reads config.json only)."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(ref, revision=revision).model_type
+        return AutoConfig.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code).model_type
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(f"'{ref}' needs its own Python code from the model repository (an architecture transformers "
+                            "does not ship), and vlmfit runs no remote code unless the recipe allows it", where="model.name",
+                            hint="read that code, then set model.trust_remote_code: true; or pick a model transformers "
+                                 "supports natively") from None
         raise UserError(f"could not read the config of '{ref}': {str(e).splitlines()[0]}", where="model.name",
                         hint="check the hub id and your network / HF cache (HF_HUB_OFFLINE=1 reads the cache only)") from None
 
@@ -159,11 +178,11 @@ def is_dual_encoder(model_type: str) -> bool:
     return model_type in DUAL_ENCODER_TYPES
 
 
-def check_model(name: str, revision: str | None = None, *, chat: bool = True) -> tuple[str, str]:
+def check_model(name: str, revision: str | None = None, *, chat: bool = True, trust_remote_code: bool = False) -> tuple[str, str]:
     """Resolve a model reference and read its config, before any data is touched: (reference, model_type). With
     `chat`, a dual encoder (CLIP: no chat template, labels or generation) is refused with what to do instead."""
     ref = resolve_reference(name)
-    model_type = model_type_of(ref, revision)
+    model_type = model_type_of(ref, revision, trust_remote_code)
     if chat and is_dual_encoder(model_type):
         raise UserError(f"'{name}' is a CLIP dual encoder, not a chat VLM: it has no chat template, labels or generation",
                         where="model.name", hint="train it with method: zo (prompt tuning, e.g. recipes/zo-clip.yaml); "
@@ -183,9 +202,10 @@ def load_dual_encoder(name: str, revision: str | None = None, dtype: str = "auto
 
 def load(name: str, dtype: str = "auto", revision: str | None = None, model_cfg=None, quantization: str = "none") -> Loaded:
     """Model + processor + family. `model_cfg` (the recipe's model section) adds resolution caps and quantization."""
-    ref, _ = check_model(name, revision)
+    remote, pickle = (model_cfg.trust_remote_code, model_cfg.allow_pickle) if model_cfg is not None else (False, False)
+    ref, _ = check_model(name, revision, trust_remote_code=remote)
     processor = load_processor(ref, revision, model_cfg)
     quant = quantization if model_cfg is None or quantization != "none" else model_cfg.quantization
-    model = load_model(ref, dtype, revision, quant, model_cfg.double_quant if model_cfg is not None else True)
+    model = load_model(ref, dtype, revision, quant, model_cfg.double_quant if model_cfg is not None else True, remote, pickle)
     family = family_for(model.config.model_type, processor, name)
     return Loaded(model, processor, family, ref)

@@ -44,7 +44,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
         raise UserError(f"a {cfg.model.quantization} quantized model cannot be trained in full", where="dpo.tuning",
                         hint="dpo.tuning: lora trains adapters on the quantized base (QLoRA), or set model.quantization: none")
     set_seed(cfg.train.seed)
-    check_model(cfg.model.name, cfg.model.revision)  # a wrong model name fails before any data is prepared
+    check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
     start_point = resume_point(resume) if resume else None
     if cfg.dpo.init_from:
         start_run(cfg)  # an init_from that is not a run directory fails before any data is prepared

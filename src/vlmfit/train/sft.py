@@ -32,7 +32,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     and in profile.json; `resume`: continue that run from its last complete checkpoint, exactly)."""
     console = console or Console()
     set_seed(cfg.train.seed)
-    check_model(cfg.model.name, cfg.model.revision)  # a wrong model name fails before any data is prepared
+    check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
     start = resume_point(resume) if resume else None
     splits = load_splits(cfg)
     require_chat(splits)

@@ -19,24 +19,37 @@ import torch
 from rich.console import Console
 
 from vlmfit.config import RunConfig
+from vlmfit.errors import UserError
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
+from vlmfit.train.trainer import resume_point
 from vlmfit.train.zo_targets import make_target, save_tuned
 
 
-def train_zo(cfg: RunConfig, console: Console | None = None, overwrite: bool = False) -> Path:
-    """Run the recipe end to end and return the run directory."""
+def train_zo(cfg: RunConfig, console: Console | None = None, overwrite: bool = False, resume: RunDir | None = None) -> Path:
+    """Run the recipe end to end and return the run directory (`resume`: continue that run from its last complete
+    checkpoint, exactly: tuned values, forward-pass count, CMA-ES state, seeds and batch order)."""
     console = console or Console()
     torch.manual_seed(cfg.train.seed)
+    if resume is not None and cfg.zo.optimizer == "coop":
+        raise UserError("resuming a CoOp run is not supported (it is the backprop reference, not a forward-only run)",
+                        where="--resume", hint="start the CoOp run again")
+    point = resume_point(resume) if resume is not None else None  # refusals as for the Trainer's runs
     target = make_target(cfg, console)
-    run = RunDir.create(cfg, overwrite)
-    console.print(f"[bold]run directory[/] {run.path}")
+    run = resume or RunDir.create(cfg, overwrite)
+    console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming at {point[0]:,} forward passes)" if point else ""))
     console.print(f"zo: {cfg.zo.optimizer} on {target.kind} ({target.dim:,} tuned values), "
                   f"budget {cfg.zo.forward_passes:,} forward passes")
-    before = target.evaluate()
-    run.write_eval("before", before)
+    state = ZoState()
+    if point is None:
+        before = target.evaluate()
+        run.write_eval("before", before)
+        budget = Budget(run, target, cfg.zo.eval_every, known=before, keep=cfg.train.save_total_limit)
+    else:
+        before = run.evals()[0]
+        budget, state = Budget.restore(run, target, cfg, point[1])
     console.print(f"accuracy before training: {100 * before['constrained']['accuracy']:.1f}%")
-    budget = Budget(run, target, cfg.zo.eval_every, known=before)
+    budget.state = state
     with console.status("forward-only training" if cfg.zo.optimizer != "coop" else "CoOp (backprop) training"):
         OPTIMIZERS[cfg.zo.optimizer](target, cfg, budget)
     after = budget.evaluation  # the final record's evaluation: the parameters as they end (not evaluated twice)
@@ -50,6 +63,7 @@ def train_zo(cfg: RunConfig, console: Console | None = None, overwrite: bool = F
         zo={"optimizer": cfg.zo.optimizer, "target": target.kind, "forward_passes": budget.used,
             "history": budget.history, "outliers_skipped": budget.outliers},
         peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        resumed_from=[point[0]] if point else None,
     ))
     plot_loss(run)
     write_report(run)
@@ -60,10 +74,46 @@ def train_zo(cfg: RunConfig, console: Console | None = None, overwrite: bool = F
 
 
 @dataclass
+class ZoState:
+    """Where an optimizer loop is, beyond the tuned values: how many seeds and batches it drew (regenerated on
+    resume by drawing as many again), its running values, and the losses it told CMA-ES per generation (replayed
+    on resume: ask() is seeded, so ask/tell with the same losses rebuilds the same CMA-ES state without a forward)."""
+
+    seeds: int = 0
+    batches: int = 0
+    stage: str = "start"  # start | cma-es | sparse-zo | mezo
+    rms: float = 0.0
+    seen: int = 0
+    cma_losses: list = field(default_factory=list)
+
+    def seed_stream(self, seed: int):
+        return _Counted(self, "seeds", _seeds(seed))
+
+    def batch_stream(self, target, batch_size: int, seed: int):
+        return _Counted(self, "batches", target.batches(batch_size, seed))
+
+
+class _Counted:
+    """A generator that counts its draws into ZoState (and, when resumed, first skips the ones already drawn)."""
+
+    def __init__(self, state: ZoState, name: str, gen):
+        self.state, self.name, self.gen = state, name, gen
+        for _ in range(getattr(state, name)):
+            next(gen)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        setattr(self.state, self.name, getattr(self.state, self.name) + 1)
+        return next(self.gen)
+
+
+@dataclass
 class Budget:
     """The forward-pass budget spent so far, the training clock (evaluation excluded) and held-out accuracy every
     `every` passes, logged to metrics.jsonl (`track_accuracy=False`: no evaluation at all, e.g. while measuring the
-    training loop's memory)."""
+    training loop's memory). With a run directory, every record is also a resumable checkpoint (the last `keep`)."""
 
     run: RunDir | None
     target: object
@@ -76,11 +126,16 @@ class Budget:
     last_loss: float = math.nan
     outliers: int = 0
     history: list = field(default_factory=list)
+    keep: int = 2
+    state: ZoState = field(default_factory=ZoState)
+    start: np.ndarray | None = None  # the tuned values the run started from (set when resumed: CMA-ES replays from it)
     _t0: float = field(default_factory=time.perf_counter)
     _next_eval: int = 0
+    _restored: bool = False
 
     def __post_init__(self):
-        self._record(None)  # accuracy at 0 forward passes (the untrained parameters)
+        if not self._restored:
+            self._record(None)  # accuracy at 0 forward passes (the untrained parameters)
 
     def spend(self, n: int, loss: float | None = None, stage: str | None = None) -> None:
         self.used += n
@@ -103,12 +158,59 @@ class Budget:
         self.history.append(rec)
         if self.run is not None:
             self.run.log_metrics(rec)
+            if self.used:
+                self._checkpoint()
         self._next_eval = self.used + self.every
         self._t0 = time.perf_counter()  # evaluation time is not training time
+
+    def _checkpoint(self) -> None:
+        """checkpoint-<forward passes>/: the tuned values (safetensors) and the loop's state, written to a temporary
+        directory and renamed into place, then marked complete; older ones beyond `keep` removed."""
+        import json
+        import os
+        import shutil
+        from dataclasses import asdict
+
+        from safetensors.torch import save_file
+
+        final = self.run.checkpoint(self.used)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({"tuned": torch.from_numpy(self.target.flat()).contiguous()}, str(tmp / ZO_TUNED))
+        budget = {"used": self.used, "seconds": self.seconds, "last_loss": self.last_loss, "outliers": self.outliers,
+                  "history": self.history, "evaluation": self.evaluation, "next_eval": self.used + self.every}
+        (tmp / ZO_STATE).write_text(json.dumps({"budget": budget, "loop": asdict(self.state)}) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self.run.complete_checkpoint(self.used, {"world_size": 1})
+        for _, old in self.run.complete_checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    @classmethod
+    def restore(cls, run: RunDir, target, cfg: RunConfig, path: Path) -> tuple["Budget", ZoState]:
+        """The budget and loop state of checkpoint `path`, with the target set to its tuned values."""
+        import json
+
+        from safetensors.torch import load_file
+
+        saved = json.loads((path / ZO_STATE).read_text())
+        b = saved["budget"]
+        budget = cls(run, target, cfg.zo.eval_every, used=b["used"], seconds=b["seconds"], last_loss=b["last_loss"],
+                     outliers=b["outliers"], history=b["history"], evaluation=b["evaluation"],
+                     keep=cfg.train.save_total_limit, _restored=True)
+        budget._next_eval = b["next_eval"]
+        budget.start = target.flat()
+        with torch.no_grad():
+            target.set_flat(load_file(str(path / ZO_TUNED))["tuned"].numpy())
+        return budget, ZoState(**saved["loop"])
 
     def close(self) -> None:
         if self.history[-1]["forward_passes"] != self.used:
             self._record(None)
+
+
+ZO_TUNED, ZO_STATE = "tuned.safetensors", "zo_state.json"  # inside a checkpoint-<forward passes>/ directory
 
 
 def _seeds(seed: int):
@@ -159,8 +261,9 @@ def projected_gradient(target, batch, seed: int, eps: float, sparsity: float = 0
 @torch.no_grad()
 def mezo(target, cfg: RunConfig, budget: Budget) -> None:
     """MeZO (Malladi et al. 2023): SPSA with q directions, θ -= lr * mean_i(g_i z_i), z regenerated from seeds."""
-    z = cfg.zo
-    seeds, batches = _seeds(cfg.train.seed), target.batches(cfg.train.batch_size, cfg.train.seed)
+    z, state = cfg.zo, budget.state
+    seeds, batches = state.seed_stream(cfg.train.seed), state.batch_stream(target, cfg.train.batch_size, cfg.train.seed)
+    state.stage = "mezo"
     while budget.used + 2 * z.perturbations <= z.forward_passes:
         batch = next(batches)
         est = [(s, *projected_gradient(target, batch, s, z.eps)) for s in (next(seeds) for _ in range(z.perturbations))]
@@ -175,17 +278,26 @@ def sharpzo(target, cfg: RunConfig, budget: Budget) -> None:
     """SharpZO: stage 1 is CMA-ES whose candidates are scored at a sharpness-aware worst case L(x + ε*), with
     ε* = ρ g/|g| and g a two-point gradient estimate at the CMA-ES mean; stage 2 continues from the mean with
     sparse ZO-SGD: each perturbation touches a random (1 - sparsity) share of coordinates, the projected gradient
-    is normalised by its running RMS, and estimates beyond outlier_threshold x RMS are skipped."""
+    is normalised by its running RMS, and estimates beyond outlier_threshold x RMS are skipped.
+    Resumable: budget.state says where the loop was (see ZoState)."""
     import cma
 
-    z = cfg.zo
-    seeds, batches = _seeds(cfg.train.seed), target.batches(cfg.train.batch_size, cfg.train.seed)
+    z, state = cfg.zo, budget.state
+    seeds, batches = state.seed_stream(cfg.train.seed), state.batch_stream(target, cfg.train.batch_size, cfg.train.seed)
     per_gen = z.popsize + (2 * z.perturbations if z.rho > 0 else 0)
-    if z.generations and z.forward_passes >= per_gen:
+    if state.stage in ("start", "cma-es") and z.generations and z.forward_passes >= per_gen:
         # Full covariance is O(dim^2): above a few thousand tuned values CMA-ES keeps a diagonal one (sep-CMA).
         opts = {"popsize": z.popsize, "seed": cfg.train.seed % (2**32 - 1) + 1, "verbose": -9, "CMA_diagonal": target.dim > 4096}
+        resumed = target.flat()
+        if state.cma_losses:
+            target.set_flat(budget.start)  # CMA-ES starts where the run started; the replay brings it back
         es = cma.CMAEvolutionStrategy(target.flat(), z.sigma, opts)
-        for _ in range(z.generations):
+        for told in state.cma_losses:
+            es.tell(es.ask(), told)
+        if state.cma_losses:
+            target.set_flat(resumed)
+        state.stage = "cma-es"
+        for _ in range(len(state.cma_losses), z.generations):
             if budget.used + per_gen > z.forward_passes:
                 break
             batch = next(batches)
@@ -201,20 +313,21 @@ def sharpzo(target, cfg: RunConfig, budget: Budget) -> None:
             X = es.ask()
             losses = target.population_losses(np.asarray(X) + shift, batch, z.population_batch)
             es.tell(X, losses.tolist())
+            state.cma_losses.append(losses.tolist())
             target.set_flat(es.mean)
             budget.spend(per_gen, float(np.mean(losses)), "cma-es")
         target.set_flat(es.mean)
-    rms, seen = 0.0, 0
+    state.stage = "sparse-zo"
     while budget.used + 2 <= z.forward_passes:
         batch = next(batches)
         s = next(seeds)
         g, plus = projected_gradient(target, batch, s, z.eps, z.sparsity)
-        seen += 1
-        if seen > 5 and abs(g) > z.outlier_threshold * math.sqrt(rms):
+        state.seen += 1
+        if state.seen > 5 and abs(g) > z.outlier_threshold * math.sqrt(state.rms):
             budget.outliers += 1  # a heavy-tailed estimate: skipped, and kept out of the running RMS
         else:
-            rms = g * g if seen == 1 else 0.9 * rms + 0.1 * g * g
-            perturb_(target.params, s, -z.lr * g / (math.sqrt(rms) + 1e-12), z.sparsity)
+            state.rms = g * g if state.seen == 1 else 0.9 * state.rms + 0.1 * g * g
+            perturb_(target.params, s, -z.lr * g / (math.sqrt(state.rms) + 1e-12), z.sparsity)
         budget.spend(2, plus, "sparse-zo")
     budget.close()
 

@@ -21,7 +21,7 @@ from vlmfit.train.trainer import report_targets
 
 def make_target(cfg: RunConfig, console: Console):
     """The tuned parameters and their loss: CLIP prompt tuning or LoRA adapters of a generative VLM."""
-    _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=False)  # before any data is loaded
+    _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=False, trust_remote_code=cfg.model.trust_remote_code)  # before any data is loaded
     clip = is_dual_encoder(model_type)
     kind = cfg.zo.target if cfg.zo.target != "auto" else ("prompt" if clip else "lora")
     if (kind == "prompt") != clip:
