@@ -157,3 +157,17 @@ def test_any_set_overrides_are_a_config_or_one_clear_error(items):
         load_config(base={"model": {"name": "tiny:qwen2_vl"}}, overrides=items)
     except UserError as e:
         assert e.render().strip()
+
+
+def test_a_processor_whose_image_token_the_model_does_not_know_is_refused_before_training(vlmfit, tiny_dir, tmp_path, digits):
+    model = tmp_path / "mismatched"
+    shutil.copytree(tiny_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    key = "image_token_id" if "image_token_id" in cfg else "image_token_index"
+    cfg[key] = cfg[key] - 1  # weights that expect another token than the processor writes
+    (model / "config.json").write_text(json.dumps(cfg))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name: {model}}}\ndata: {{source: {digits}}}\noutput: {{dir: {tmp_path / 'runs'}}}\n")
+    code, out, err = vlmfit("train", recipe)
+    assert code == 2 and f"replaces token id {cfg[key]} with image features" in flat(err), err
+    assert not (tmp_path / "runs").exists()

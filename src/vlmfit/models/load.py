@@ -208,4 +208,25 @@ def load(name: str, dtype: str = "auto", revision: str | None = None, model_cfg=
     quant = quantization if model_cfg is None or quantization != "none" else model_cfg.quantization
     model = load_model(ref, dtype, revision, quant, model_cfg.double_quant if model_cfg is not None else True, remote, pickle)
     family = family_for(model.config.model_type, processor, name)
+    check_image_token(model, processor, family, name)
     return Loaded(model, processor, family, ref)
+
+
+def check_image_token(model, processor, family: Family, name: str) -> None:
+    """The processor writes the image placeholder the model replaces with image features: a processor from another
+    checkpoint (or an edited tokenizer) would put the features nowhere, or index past the embedding, mid-run."""
+    tok = getattr(processor, "tokenizer", None)
+    if tok is None or not family.image_token:
+        return
+    written = tok.convert_tokens_to_ids(family.image_token)
+    if written is None or written == tok.unk_token_id:
+        raise UserError(f"the processor's tokenizer does not know the image token {family.image_token!r}", where="model.name",
+                        hint=f"use the processor that ships with '{name}'")
+    config = model.config
+    expected = next((getattr(c, k) for c in (config, getattr(config, "text_config", None)) if c is not None
+                     for k in ("image_token_id", "image_token_index") if getattr(c, k, None) is not None), None)
+    vocab = model.get_input_embeddings().num_embeddings
+    if expected is not None and expected != written or written >= vocab:
+        raise UserError(f"the model replaces token id {expected} with image features (embedding of {vocab:,} tokens), but "
+                        f"its processor writes {family.image_token!r} as id {written}", where="model.name",
+                        hint=f"the processor and the weights come from different checkpoints: use the processor of '{name}'")
