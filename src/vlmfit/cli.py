@@ -96,8 +96,30 @@ def demo(out: Annotated[Path, typer.Option(help="where run directories go")] = P
     console.print(f"run directory: {run} (report.md, loss.png, eval_*.json)")
 
 
+@app.command()
+def export(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `vlmfit train`")],
+           out: Annotated[Path, typer.Option("--out", help="directory to write (new or empty)")],
+           merge: Annotated[bool, typer.Option("--merge", help="merge a LoRA / QLoRA adapter into its base (else: the adapter directory)")] = False,
+           dtype: Annotated[str, typer.Option(help="bf16 | fp16 | fp32")] = "bf16",
+           push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", help="upload to this hub repo (owner/name); token from HF_TOKEN")] = None,
+           private: Annotated[bool, typer.Option("--private", help="create the hub repo private")] = False,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="with --push-to-hub: list what would be uploaded, upload nothing")] = False):
+    """Export a run: a merged model (or the adapter) with processor and model card, that loads in plain transformers."""
+    from vlmfit.export import export_run, push
+
+    if dry_run and not push_to_hub:
+        raise UserError("--dry-run describes an upload; it needs --push-to-hub REPO_ID", where="--dry-run")
+    if push_to_hub is not None and push_to_hub.count("/") != 1:
+        raise UserError(f"'{push_to_hub}' is not a hub repo id", where="--push-to-hub", hint="owner/name, e.g. me/qwen2-vl-charts")
+    exported = export_run(run_dir, out, merge=merge, dtype=dtype, command=" ".join(["vlmfit", *sys.argv[1:]]))
+    console.print(f"[green]exported[/] {exported.kind} model ({len(exported.files)} files) to {exported.path}")
+    if push_to_hub:
+        for line in push(exported, push_to_hub, private, dry_run):
+            console.print(line, highlight=False)
+
+
 @app.command("eval")
-def eval_(target: Annotated[str, typer.Argument(help="a run directory (evaluates its trained weights) or a recipe (evaluates the base model)")],
+def eval_(target: Annotated[str, typer.Argument(help="a run directory (its trained weights), a recipe (its base model) or a model directory (e.g. exported)")],
           set: SetOpt = None):
     """Evaluate classification accuracy (constrained and generated) on the test split."""
     from vlmfit.evaluate.eval import evaluate_target

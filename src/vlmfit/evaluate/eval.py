@@ -1,5 +1,5 @@
-"""`vlmfit eval`: evaluate a run directory's trained weights (or prompt), or the base model of a recipe, on the
-recipe's test split; a run directory gets the result as a timestamped eval_*.json."""
+"""`vlmfit eval`: evaluate a run directory's trained weights (or prompt), the base model of a recipe, or a model
+directory (an exported one) on the test split; a run directory gets the result as a timestamped eval_*.json."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ from vlmfit.rundir import RunDir
 
 def evaluate_target(target: str, overrides: list[str] | None, console: Console) -> tuple[dict, Path | None]:
     path = Path(target)
-    run = RunDir.open(path) if path.is_dir() else None  # a directory must be a run directory; a file is a recipe
-    cfg = run.config(overrides) if run else load_config(path, overrides)
+    model_dir = path.is_dir() and (path / "config.json").is_file() and not (path / "config.yaml").is_file()
+    if model_dir:  # an HF-format model directory (e.g. from `vlmfit export`): scored on data.source (--set)
+        run, cfg = None, load_config(base={"model": {"name": str(path)}}, overrides=overrides)
+    else:  # a directory must be a run directory; a file is a recipe
+        run = RunDir.open(path) if path.is_dir() else None
+        cfg = run.config(overrides) if run else load_config(path, overrides)
     _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=False, trust_remote_code=cfg.model.trust_remote_code)  # before any data is loaded
     if is_dual_encoder(model_type):
         res = evaluate_prompt(cfg, run, console)

@@ -51,14 +51,26 @@ class Resolved:
 
 
 def _part_roots(model: nn.Module, family: Family, part: str) -> list[str]:
-    """The outermost modules that make up `part` (e.g. model.visual.merger for Qwen's projector)."""
+    """The outermost modules that make up `part` (e.g. model.visual.merger for Qwen's projector). A container
+    (Qwen3-VL's deepstack_merger_list is a ModuleList) stands for its children: PEFT's modules_to_save copies
+    modules that compute, not lists of them."""
+    modules = dict(model.named_modules())
     roots = []
-    for name, _ in model.named_modules():
+    for name, module in modules.items():
         if name and part_of(name, family) == part and not any(name.startswith(r + ".") for r in roots):
             parent = name.rsplit(".", 1)[0] if "." in name else ""
             if part_of(parent, family) != part:
                 roots.append(name)
-    return roots
+    expanded = []
+    for r in roots:
+        stack = [r]
+        while stack:
+            name = stack.pop(0)
+            if isinstance(modules[name], (nn.ModuleList, nn.ModuleDict)):
+                stack[:0] = [f"{name}.{child}" for child, _ in modules[name].named_children()]
+            else:
+                expanded.append(name)
+    return expanded
 
 
 def resolve_lora_targets(model: nn.Module, family: Family, scope: list[str], targets: str | list[str],
