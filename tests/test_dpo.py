@@ -218,3 +218,35 @@ def test_qlora_dpo_trains_adapters_on_a_4bit_base(tmp_path, digits):
     assert after_ev["preference"]["reward_margin"] != 0.0 and json.loads((run / "summary.json").read_text())["steps"] == 2
     with pytest.raises(UserError, match="cannot be trained in full"):
         train_dpo(dpo_cfg(tmp_path, digits, **{"model.quantization": "4bit", "dpo.tuning": "full"}), QUIET)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_dpo_log_probs_never_need_full_logits_and_equal_them(tmp_path, digits, family):
+    """Issue 13, item 1 for DPO: TRL's DPOTrainer scores each pair through its fused LM head (the head runs only at
+    the positions whose next token is a label, in tiles), as the trainer vlmfit builds uses it. Its per-sequence
+    log-probabilities and their gradients equal the plain full-logits computation (fp32) for every family,
+    soft-capped heads included."""
+    cfg = dpo_cfg(tmp_path, digits, family)
+    data = load_pairs(cfg)
+    loaded, _ = load_start(cfg, QUIET)
+    collator = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
+    trainer, _ = make_trainer(loaded, collator, data.train, cfg, RunDir(tmp_path), QUIET)
+    model = trainer.model
+    batch = collator([data.train[i] for i in range(2)])
+    mask = batch.pop("completion_mask")
+    labels = batch["input_ids"].masked_fill(mask == 0, -100)
+    lora = [p for n, p in model.named_parameters() if "lora_B" in n]
+    with torch.no_grad():
+        for p in lora:
+            p.normal_(0, 0.05)  # a moved adapter, so the gradients are not trivially shaped
+
+    fused = model(**batch, labels=labels, fused_lm_head=True).log_probs.sum(1)
+    g_fused = torch.autograd.grad(fused.sum(), lora)
+    logits = model(**batch).logits[:, :-1].float()
+    target = labels[:, 1:]
+    per_token = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0] * (target != -100)
+    full = per_token.sum(1)
+    g_full = torch.autograd.grad(full.sum(), lora)
+    assert torch.allclose(fused, full, rtol=1e-5, atol=1e-5), (fused, full)
+    for a, b in zip(g_fused, g_full):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
