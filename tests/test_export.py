@@ -192,6 +192,16 @@ def test_trained_run_exports_push_dry_run_and_eval_of_the_export(vlmfit, digits,
                             "--set", "eval.modes=[constrained]")
     assert code == 0, err
     assert f"{100 * after:.1f}%" in flat(out)  # the exported model scores what the run scored
+    # a checkpoint on its own (here the final one) evaluates and exports like the run
+    ckpt = run / "checkpoints" / "checkpoint-3"
+    code, out, err = vlmfit("eval", ckpt, "--set", "data.eval_limit=8")
+    assert code == 0 and f"{100 * after:.1f}%" in flat(out), err
+    code, out, err = vlmfit("export", ckpt, "--out", tmp_path / "from-ckpt", "--merge", "--dtype", "fp32")
+    assert code == 0, err
+    a, b = (safe_open(str(tmp_path / d / "model.safetensors"), "pt") for d in ("e", "from-ckpt"))
+    assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    code, out, err = vlmfit("export", ckpt, "--out", tmp_path / "ckpt-adapter")
+    assert code == 0 and not (tmp_path / "ckpt-adapter" / "optimizer.pt").exists(), err
 
 
 @pytest.mark.parametrize("args, expect", [

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vlmfit.errors import UserError
-from vlmfit.rundir import ADAPTER, PROCESSOR, RunDir
+from vlmfit.rundir import RunDir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CARD = "README.md"
@@ -59,7 +59,10 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, dtype:
         model, processor = merged_model(run, cfg, DTYPES[dtype])
         what = "merged"
     else:
-        shutil.copytree(run.path / ADAPTER, out, dirs_exist_ok=True)
+        adapter = run.weights_path("adapter")
+        for f in adapter.iterdir():  # the adapter's own files (a checkpoint also holds optimizer state)
+            if f.name.startswith("adapter_"):
+                shutil.copy2(f, out / f.name)
         _point_adapter_at_base(out, cfg.model.name)
         processor, model, what = run.load_trained().processor, None, "adapter"
     if model is not None:
@@ -82,8 +85,8 @@ def merged_model(run: RunDir, cfg, dtype: torch.dtype):
     base = loaded.model
     if quantized:
         base = base.dequantize(dtype=torch.float32)  # transformers' bitsandbytes dequantization: nn.Linear again
-    model = PeftModel.from_pretrained(base, str(run.path / ADAPTER)).merge_and_unload()
-    processor = load_processor(str(run.path / PROCESSOR)) if (run.path / PROCESSOR).is_dir() else loaded.processor
+    model = PeftModel.from_pretrained(base, str(run.weights_path("adapter"))).merge_and_unload()
+    processor = load_processor(str(run.processor_path())) if run.processor_path() else loaded.processor
     if quantized and getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the merged weights are not quantized
     return model.to(dtype), processor

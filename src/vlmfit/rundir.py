@@ -261,12 +261,27 @@ class RunDir:
         (self.path / PROMPT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         return PROMPT
 
+    @property
+    def is_checkpoint(self) -> bool:
+        """A complete checkpoint-<step>/ opened on its own: its weights, processor and recipe are in it, so it
+        evaluates and exports like a finished run."""
+        return (self.path / CHECKPOINT_DONE).is_file()
+
     def weights_path(self, kind: str) -> Path:
         """Where the run keeps what it trained of this kind ("model", "adapter", "prompt")."""
+        if self.is_checkpoint and kind in ("model", "adapter"):
+            return self.path
         return self.path / {"model": MODEL, "adapter": ADAPTER, "prompt": PROMPT}[kind]
+
+    def processor_path(self) -> Path | None:
+        """The processor the run trained with, if it saved one."""
+        p = self.path if self.is_checkpoint else self.path / PROCESSOR
+        return p if (p / "tokenizer_config.json").is_file() or (p / "processor_config.json").is_file() else None
 
     def trained_kind(self) -> str | None:
         """Which weights the run left: "model" (wins when both exist: DPO's merged policy), "adapter", "prompt"."""
+        if self.is_checkpoint:  # a forward-only run's checkpoints hold flat tuned values: nothing to load alone
+            return "adapter" if (self.path / "adapter_config.json").is_file() else "model" if (self.path / "config.json").is_file() else None
         for kind, name in (("model", MODEL), ("adapter", ADAPTER), ("prompt", PROMPT)):
             if (self.path / name).exists():
                 return kind
@@ -293,12 +308,12 @@ class RunDir:
         from vlmfit.models.load import load, load_processor
 
         if kind == "model":
-            loaded = load(str(self.path / MODEL), dtype)
+            loaded = load(str(self.weights_path("model")), dtype)
             return Trained(kind, loaded.model, loaded.processor, loaded.family, cfg)
         from peft import PeftModel
 
         quantization = "4bit" if cfg.method == "qlora" else cfg.model.quantization
         loaded = load(cfg.model.name, dtype, cfg.model.revision, cfg.model, quantization)
-        model = PeftModel.from_pretrained(loaded.model, str(self.path / ADAPTER), is_trainable=trainable)
-        processor = load_processor(str(self.path / PROCESSOR)) if (self.path / PROCESSOR).is_dir() else loaded.processor
+        model = PeftModel.from_pretrained(loaded.model, str(self.weights_path("adapter")), is_trainable=trainable)
+        processor = load_processor(str(self.processor_path())) if self.processor_path() else loaded.processor
         return Trained(kind, model, processor, loaded.family, cfg)
