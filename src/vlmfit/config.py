@@ -157,6 +157,8 @@ class TrainConfig(_Section):
     logging_steps: int = Field(10, ge=1)
     dataloader_workers: int = Field(0, ge=0, description="processes that collate batches ahead of the training step "
                                     "(0: in the training process)")
+    group_by_length: bool = Field(False, description="batches of examples of similar token length (image sizes vary "
+                                  "the count), so less padding; lengths measured once before training")
     save_steps: int = Field(200, ge=1, description="write a resumable checkpoint every this many optimizer steps (and "
                             "at the end): weights, optimizer, scheduler, RNG states, data position")
     save_total_limit: int = Field(2, ge=1, description="keep this many most recent checkpoints")

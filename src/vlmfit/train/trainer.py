@@ -51,6 +51,8 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         report_to="none",
         seed=t.seed,
         disable_tqdm=True,
+        # transformers' LengthGroupedSampler over the "length" column (with_lengths) when asked
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         # vlmfit's collators read the columns they need; the rest (ROW: the rows the divergence guard names) must
         # reach them, where TRL would keep only its own column names.
         remove_unused_columns=False,
@@ -75,6 +77,16 @@ def with_row_ids(ds):
     """The train split with each example's index in it (column ROW): the divergence guard names the rows of a bad
     step. add_column adds one column beside the table, without rewriting the images."""
     return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(len(ds))))
+
+
+def with_lengths(ds, collator, cfg: RunConfig, console: Console):
+    """With train.group_by_length: each example's token length (images expanded) as the "length" column, measured
+    once by the collator, for the Trainer's length-grouped sampler."""
+    if not cfg.train.group_by_length:
+        return ds
+    with console.status(f"measuring {len(ds)} examples for length-grouped batches"):
+        stats = collator.measure([ds[i] for i in range(len(ds))], cfg.train.batch_size)
+    return ds.add_column("length", [s["length"] for s in stats])
 
 
 def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False):
