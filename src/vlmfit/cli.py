@@ -97,6 +97,33 @@ def demo(out: Annotated[Path, typer.Option(help="where run directories go")] = P
 
 
 @app.command()
+def predict(target: Annotated[str, typer.Argument(help="a model (hub id, directory, tiny:<family>), a run directory or a checkpoint")],
+            images: Annotated[Optional[list[Path]], typer.Argument(help="image files")] = None,
+            more: Annotated[Optional[list[Path]], typer.Option("--images", help="image files (repeatable)")] = None,
+            data: Annotated[Optional[str], typer.Option("--data", help="a data source instead of images (its rows' own questions)")] = None,
+            task: Annotated[Optional[str], typer.Option(help="with --data from a raw source: how to read it (as in prepare)")] = None,
+            split: Annotated[str, typer.Option(help="with --data: the split")] = "test",
+            limit: Annotated[Optional[int], typer.Option(help="with --data: at most this many rows")] = None,
+            prompt: Annotated[Optional[str], typer.Option(help="the question (default for images: 'Describe this image.')")] = None,
+            out: Annotated[Optional[Path], typer.Option(help="write the answers here as JSONL")] = None,
+            max_new_tokens: Annotated[int, typer.Option(help="generation length limit")] = 64,
+            batch_size: Annotated[int, typer.Option(help="examples per generate call")] = 8):
+    """Generate answers (greedy) with a model, a run or an export, on your images or a data source."""
+    from vlmfit.evaluate.predict import predict as run_predict
+
+    rows = run_predict(target, list(images or []) + list(more or []), data, prompt, out, max_new_tokens, batch_size,
+                       split, limit, console, task)
+    table = Table(title=f"{len(rows)} answers")
+    for col in ("input", "answer") + (("reference",) if rows and "reference" in rows[0] else ()):
+        table.add_column(col)
+    for r in rows[:20]:
+        table.add_row(r.get("image") or f"row {r['row']}", r["answer"], *((r["reference"],) if "reference" in r else ()))
+    console.print(table)
+    if out is not None:
+        console.print(f"written: {out}")
+
+
+@app.command()
 def export(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `vlmfit train`")],
            out: Annotated[Path, typer.Option("--out", help="directory to write (new or empty)")],
            merge: Annotated[bool, typer.Option("--merge", help="merge a LoRA / QLoRA adapter into its base (else: the adapter directory)")] = False,

@@ -3,21 +3,14 @@ generation (normalized exact match of the generated answer)."""
 
 from __future__ import annotations
 
-import re
-import string
 import time
 
 import torch
 
 from vlmfit.chat.schema import final_answer, prompt_of, text_part
 from vlmfit.chat.collate import VisionChatCollator
+from vlmfit.evaluate.tasks import bootstrap_ci, confusion_matrix, normalize, score_answers
 from vlmfit.models.loss import sequence_logprobs
-
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize(text: str) -> str:
-    return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
 def _device(model) -> torch.device:
@@ -58,8 +51,10 @@ def generate_answers(model, collator: VisionChatCollator, examples: list[dict], 
 
 
 def evaluate_classification(model, collator: VisionChatCollator, dataset, labels: list[str], modes: list[str],
-                            batch_size: int = 32, max_new_tokens: int = 8) -> dict:
-    """Accuracy of `model` on `dataset` (canonical chat examples whose final answer is one of `labels`)."""
+                            batch_size: int = 32, max_new_tokens: int = 8, task: str = "classification") -> dict:
+    """Accuracy of `model` on `dataset` (canonical chat examples whose final answer is one of `labels`), with a
+    bootstrap 95% interval and, constrained, a confusion matrix; generated answers are also scored by the task's
+    own metrics (evaluate/tasks.py: VQA accuracy, ChartQA's relaxed accuracy, ...)."""
     was_training = model.training
     eval_mode(model)
     examples = [dataset[i] for i in range(len(dataset))]
@@ -73,16 +68,22 @@ def evaluate_classification(model, collator: VisionChatCollator, dataset, labels
             correct = [normalize(labels[p]) == g for p, g in zip(pred, gold_norm)]
             result["constrained"] = {
                 "accuracy": sum(correct) / len(correct),
+                "ci95": bootstrap_ci(correct),
                 "per_class": _per_class(gold, correct),
+                "confusion": confusion_matrix(gold, [labels[p] for p in pred], labels),
                 "seconds": round(time.perf_counter() - t0, 2),
             }
         if "generate" in modes:
             t0 = time.perf_counter()
             answers = generate_answers(model, collator, examples, batch_size, max_new_tokens)
             correct = [normalize(a) == g for a, g in zip(answers, gold_norm)]
+            metrics = score_answers(task, answers, [[g] for g in gold])
             result["generate"] = {
                 "accuracy": sum(correct) / len(correct),
-                "per_class": _per_class(gold, correct),
+                "ci95": bootstrap_ci(correct),
+                "per_class": _per_class(gold, correct) if task == "classification" else None,
+                "metrics": {k: {"value": v["value"], "ci95": v["ci95"]} for k, v in metrics.items()},
+                "answers": answers,
                 "samples": [{"gold": g, "generated": a} for g, a in list(zip(gold, answers))[:10]],
                 "seconds": round(time.perf_counter() - t0, 2),
             }
@@ -110,12 +111,22 @@ def _per_class(gold: list[str], correct: list[bool]) -> dict[str, float]:
     return {k: round(v[0] / v[1], 4) for k, v in sorted(tally.items())}
 
 
-def evaluate_task(model, collator: VisionChatCollator, test_ds, labels: list[str] | None, eval_cfg, console, when: str) -> dict:
+def evaluate_task(model, collator: VisionChatCollator, test_ds, labels: list[str] | None, eval_cfg, console, when: str,
+                  task: str | None = None) -> dict:
     """The recipe's evaluation (eval section) with a console line: constrained and generated accuracy with a label
-    set; without one (vqa, captions, chat) there is nothing to constrain to, so free generation only."""
+    set; without one (vqa, captions, chat) there is nothing to constrain to, so free generation only, scored by the
+    task's metrics too (`task`: data.task)."""
+    task = task or ("classification" if labels is not None else "chat")
     modes = [m for m in eval_cfg.modes if labels is not None or m == "generate"]
+    if not modes:  # a recipe asking only for constrained scores on data without a label set
+        modes = ["generate"]
     with console.status(f"evaluating {len(test_ds)} test examples {when} ({', '.join(modes)})"):
-        res = evaluate_classification(model, collator, test_ds, labels or [], modes, eval_cfg.batch_size, eval_cfg.max_new_tokens)
-    accs = "  ".join(f"{m}: {100 * res[m]['accuracy']:.1f}%" for m in modes if m in res)
-    console.print(f"accuracy {when}: {accs}")
+        res = evaluate_classification(model, collator, test_ds, labels or [], modes, eval_cfg.batch_size,
+                                      eval_cfg.max_new_tokens, task)
+    accs = "  ".join(f"{m}: {100 * res[m]['accuracy']:.1f}% [{100 * res[m]['ci95'][0]:.1f}, {100 * res[m]['ci95'][1]:.1f}]"
+                     for m in modes if m in res)
+    extra = ""
+    if "generate" in res and task not in ("classification", "chat"):
+        extra = "  " + "  ".join(f"{k}: {100 * v['value']:.1f}%" for k, v in res["generate"]["metrics"].items())
+    console.print(f"accuracy {when}: {accs}{extra}")
     return res

@@ -66,4 +66,4 @@ def evaluate_chat(cfg, run: RunDir | None, console: Console) -> dict:
     collator = VisionChatCollator(processor, family, loss_on=cfg.train.loss_on)
     splits = load_splits(cfg)
     return evaluate_task(model, collator, splits.test, splits.labels, cfg.eval, console,
-                         "of " + (str(run.path) if run else cfg.model.name))
+                         "of " + (str(run.path) if run else cfg.model.name), cfg.data.task)

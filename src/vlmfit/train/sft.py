@@ -47,7 +47,8 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start[0]})" if start else ""))
 
     if cfg.eval.before and not (resume and run.evals()[0] is not None):
-        run.write_eval("before", evaluate_task(loaded.model, collator, splits.test, splits.labels, cfg.eval, console, "before training"))
+        run.write_eval("before", evaluate_task(loaded.model, collator, splits.test, splits.labels, cfg.eval, console, "before training",
+                                                  cfg.data.task))
 
     model, resolved = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
     if resolved is not None:
@@ -73,7 +74,8 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     weights = save_weights(model, loaded, cfg, run)
     run.drop_empty_checkpoints()
     if cfg.eval.after:
-        run.write_eval("after", evaluate_task(model, collator, splits.test, splits.labels, cfg.eval, console, "after training"))
+        run.write_eval("after", evaluate_task(model, collator, splits.test, splits.labels, cfg.eval, console, "after training",
+                                                 cfg.data.task))
 
     run.write_summary(RunSummary(
         method=cfg.method, steps=result.global_step, train_seconds=train_seconds, final_loss=final_loss(run),
