@@ -41,13 +41,19 @@ def pair(question_before_image: str = "", answer: str = "four", rejected: str = 
             "rejected": [{"role": "assistant", "content": [text_part(rejected)]}], "images": [digit_image(image)]}
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
-def test_lora_dpo_trains_adapter_against_the_base_model(tmp_path, digits, family):
+def lora_dpo(tmp_path, digits, family):
+    """(config, pairs, where DPO starts, the trainer vlmfit builds, its reference in words, the pair collator)."""
     cfg = dpo_cfg(tmp_path, digits, family)
     data = load_pairs(cfg)
     loaded, start = load_start(cfg, QUIET)
     collator = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
     trainer, reference = make_trainer(loaded, collator, data.train, cfg, RunDir(tmp_path), QUIET)
+    return cfg, data, start, trainer, reference, collator
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_lora_dpo_trains_adapter_against_the_base_model(tmp_path, digits, family):
+    cfg, data, start, trainer, reference, collator = lora_dpo(tmp_path, digits, family)
     model = trainer.model
     assert start == "base" and trainer.ref_model is None and "adapter disabled" in reference
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -226,11 +232,7 @@ def test_dpo_log_probs_never_need_full_logits_and_equal_them(tmp_path, digits, f
     the positions whose next token is a label, in tiles), as the trainer vlmfit builds uses it. Its per-sequence
     log-probabilities and their gradients equal the plain full-logits computation (fp32) for every family,
     soft-capped heads included."""
-    cfg = dpo_cfg(tmp_path, digits, family)
-    data = load_pairs(cfg)
-    loaded, _ = load_start(cfg, QUIET)
-    collator = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
-    trainer, _ = make_trainer(loaded, collator, data.train, cfg, RunDir(tmp_path), QUIET)
+    _, data, _, trainer, _, collator = lora_dpo(tmp_path, digits, family)
     model = trainer.model
     batch = collator([data.train[i] for i in range(2)])
     mask = batch.pop("completion_mask")
