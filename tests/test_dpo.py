@@ -226,7 +226,9 @@ def test_qlora_dpo_trains_adapters_on_a_4bit_base(tmp_path, digits):
         train_dpo(dpo_cfg(tmp_path, digits, **{"model.quantization": "4bit", "dpo.tuning": "full"}), QUIET)
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+# qwen2_vl (M-RoPE), gemma4 and paligemma (soft-capped heads) in the fast suite, the other families in the slow one
+@pytest.mark.parametrize("family", [f if f in ("qwen2_vl", "gemma4", "paligemma") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in TINY_FAMILIES])
 def test_dpo_log_probs_never_need_full_logits_and_equal_them(tmp_path, digits, family):
     """Issue 13, item 1 for DPO: TRL's DPOTrainer scores each pair through its fused LM head (the head runs only at
     the positions whose next token is a label, in tiles), as the trainer vlmfit builds uses it. Its per-sequence

@@ -297,7 +297,8 @@ ZO_KILLER = textwrap.dedent("""\
 
 
 # inside CMA-ES (stage 1) and inside sparse ZO (stage 2)
-@pytest.mark.parametrize("kill_at", [90, pytest.param(260, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [90, 260])
 def test_a_killed_zo_run_resumes_its_cma_es_state_seeds_and_budget(vlmfit, tmp_path, kill_at):
     from rich.console import Console
 
