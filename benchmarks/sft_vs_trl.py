@@ -112,13 +112,13 @@ class Clock:
 def child(args) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
-    from rich.console import Console
 
     from vlmfit.chat.collate import VisionChatCollator
     from vlmfit.config import load_config
     from vlmfit.evaluate.classification import evaluate_classification
     from vlmfit.models.load import load
     from vlmfit.models.targets import resolve_for
+    from vlmfit.models.tiny.corpus import DIGIT_WORDS
     from vlmfit.rundir import RunDir
     from vlmfit.train.trainer import trainer_arguments
 
@@ -132,7 +132,7 @@ def child(args) -> None:
     loaded = load(name, "float32", None, cfg.model)
     train = dataset(args.family, args.steps * args.batch, "train")
     test = dataset(args.family, 200, "test")
-    labels = [f"{w}" for w in ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]
+    labels = list(DIGIT_WORDS)
     resolved = resolve_for(loaded.model, loaded.family, cfg.lora)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     clock = Clock()
@@ -168,7 +168,6 @@ def child(args) -> None:
         "trained_token_share": clock.trained / max(clock.tokens, 1), "peak_rss_mib": rss_trained / 1024,
         "rss_after_load_mib": rss_loaded / 1024, "final_loss": losses[-1], "accuracy": acc,
         "params": sum(p.numel() for p in model.parameters())}))
-    del Console
 
 
 def main() -> None:

@@ -126,9 +126,13 @@ def test_sigkill_at_a_random_step_then_resume_ends_with_the_same_weights(vlmfit,
     assert [v for _, v in losses(run)] == pytest.approx([v for _, v in losses(reference[method])], abs=1e-6)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["resumed_from"] and summary["resumed_from"][0] < k
-    if method == "lora":  # the fully trained projector stayed trainable through the resume (and was trained)
-        trained = [n for n in weights(run, method) if "modules_to_save" in n or "multi_modal_projector" in n or "merger" in n]
-        assert trained, list(weights(run, method))[:5]
+    if method == "lora":  # the fully trained projector is in the adapter and moved: with the equality above, it
+        # kept training after the resume (had it come back frozen, its last steps would be missing)
+        from vlmfit.models.load import load
+
+        base = load("tiny:qwen2_vl", "float32").model.state_dict()["model.visual.merger.mlp.0.weight"]
+        saved = weights(run, method)["base_model.model.model.visual.merger.mlp.0.weight"]
+        assert (saved - base).abs().max().item() > 1e-4
 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(vlmfit, reference, digits, tmp_path):

@@ -126,7 +126,8 @@ def test_length_grouped_batches_pad_less_and_still_see_every_example_once(tmp_pa
     import datasets
 
     from vlmfit.chat.collate import ROW
-    from vlmfit.train.trainer import with_lengths, with_row_ids
+    from vlmfit.chat.length import apply_length_policy
+    from vlmfit.train.trainer import with_row_ids
 
     base = datasets.load_from_disk(str(digits))["train"]
     base = base.select([i % len(base) for i in range(64)])  # the sampler sorts within megabatches of batch x len // 4
@@ -137,7 +138,7 @@ def test_length_grouped_batches_pad_less_and_still_see_every_example_once(tmp_pa
         loaded = load(cfg.model.name)
         model, _ = make_trainable(loaded.model, loaded.family, "lora", cfg.lora)
         collator = VisionChatCollator(loaded.processor, loaded.family)
-        train = with_lengths(with_row_ids(ds), collator, cfg, QUIET)
+        train = with_row_ids(apply_length_policy(ds, collator, cfg, QUIET)[0])  # as train_sft prepares it
         assert ("length" in train.column_names) == grouped
         trainer = make_trainer(model, loaded, collator, train, cfg, RunDir(tmp_path))
         batches = list(trainer.get_train_dataloader())

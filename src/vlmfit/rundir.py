@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import platform
+import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -125,8 +127,6 @@ class RunDir:
             if not (path / CONFIG).is_file():
                 raise UserError(f"'{path}' is not a run directory; --overwrite only replaces runs", where="output.name",
                                 hint="choose another output.name")
-            import shutil
-
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         run = cls(path)
@@ -191,9 +191,6 @@ class RunDir:
     def complete_checkpoint(self, step: int, info: dict) -> Path:
         """Mark checkpoint-<step> complete (after the Trainer wrote it): the resolved recipe beside the weights, so
         the checkpoint evaluates or exports on its own, then the marker, written to a temporary name and renamed."""
-        import os
-        import shutil
-
         path = self.checkpoint(step)
         if (self.path / CONFIG).is_file():
             shutil.copyfile(self.path / CONFIG, path / CONFIG)
@@ -215,8 +212,6 @@ class RunDir:
 
     def drop_incomplete_checkpoints(self) -> list[str]:
         """Remove checkpoint directories a kill or a full disk left half-written; their names."""
-        import shutil
-
         done = {p for _, p in self.complete_checkpoints()}
         dropped = []
         for p in self.checkpoints.glob("checkpoint-*") if self.checkpoints.is_dir() else []:

@@ -11,12 +11,18 @@ from vlmfit.errors import UserError
 
 def apply_length_policy(train_ds, collator, cfg: RunConfig, console: Console):
     """(the training examples to use, the policy's report for the run summary). `collator` is a VisionChatCollator
-    or a PreferenceCollator (both measure examples untruncated). Fails before training, not during."""
+    or a PreferenceCollator (both measure examples untruncated). Fails before training, not during. The one pass
+    that measures the examples also gives train.group_by_length its "length" column (the Trainer's
+    length-grouped sampler reads it)."""
     limit = cfg.train.max_length
+    if limit is None and not cfg.train.group_by_length:
+        return train_ds, {"limit": None}
+    with console.status(f"measuring {len(train_ds)} examples" + (f" against max_length={limit}" if limit else "")):
+        stats = collator.measure([train_ds[i] for i in range(len(train_ds))], cfg.train.batch_size)
+    if cfg.train.group_by_length:
+        train_ds = train_ds.add_column("length", [s["length"] for s in stats])
     if limit is None:
         return train_ds, {"limit": None}
-    with console.status(f"measuring {len(train_ds)} examples against max_length={limit}"):
-        stats = collator.measure([train_ds[i] for i in range(len(train_ds))], cfg.train.batch_size)
     over = [i for i, s in enumerate(stats) if s["length"] > limit]
     report = {"limit": limit, "policy": cfg.train.overlong, "overlong": len(over), "longest": max(s["length"] for s in stats)}
     if not over:

@@ -11,7 +11,7 @@ A row mixing typed lists and strings is read part by part and counted as "typed"
 
 from __future__ import annotations
 
-from vlmfit.chat.schema import image_part, text_part
+from vlmfit.chat.schema import count_image_parts, image_part, text_part
 from vlmfit.data.validate import RowProblem
 
 PLACEHOLDER = "<image>"
@@ -71,8 +71,7 @@ def canonical_messages(raw, n_images: int, column: str) -> tuple[list[dict], str
         else:
             raise RowProblem(column, f"message content is a {type(content).__name__}, not text or a list of parts")
         messages.append({"role": _role(m, column), "content": parts})
-    typed_images = sum(p["type"] == "image" for m in messages for p in m["content"])
-    if strings and not placeholders and typed_images == 0 and n_images:
+    if strings and not placeholders and count_image_parts(messages) == 0 and n_images:
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
             raise RowProblem(column, "images but no user message to put them in")

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 from vlmfit.config import DataConfig
-from vlmfit.chat.schema import image_part, text_part
+from vlmfit.chat.schema import count_image_parts, image_part, text_part
 from vlmfit.data.messages import canonical_messages
 from vlmfit.data.sources import Source, detect_column, open_source
 from vlmfit.data.validate import RowProblem, load_image, require_text
@@ -133,7 +133,7 @@ def _chat_messages(row: dict, cols: _Columns, n_images: int) -> tuple[list[dict]
     else:
         raise RowProblem("messages", "no messages column (nor prompt / completion message lists)")
     messages, spelling = canonical_messages(raw, n_images, column)
-    placeholders = sum(p["type"] == "image" for m in messages for p in m["content"])
+    placeholders = count_image_parts(messages)
     if placeholders != n_images:
         raise RowProblem(column, f"{placeholders} image placeholders but {n_images} images")
     if not any(m["role"] == "assistant" for m in messages):

@@ -30,7 +30,7 @@ from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.trainer import (DivergenceGuard, callbacks, final_loss, param_counts, quiet_printing, report_targets,
                                   require_disk_for_checkpoints, resume_point, run_training, trainer_arguments, vlmfit_trainer,
-                                  with_lengths, with_row_ids)
+                                  with_row_ids)
 
 
 def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | None = None, overwrite: bool = False) -> Path:
@@ -55,7 +55,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
     console.print(f"family [bold]{loaded.family.name}[/]; {len(data.train)} training pairs ({data.kinds}); replies "
                   f"found by {chat.label_method} ({LABEL_METHODS[chat.label_method]})")
     train_pairs, length_report = apply_length_policy(data.train, collator, cfg, console)
-    train_pairs = with_lengths(with_row_ids(train_pairs), collator, cfg, console)
+    train_pairs = with_row_ids(train_pairs)
     require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
     run = resume or RunDir.create(cfg, overwrite)  # only once every check above has passed
     console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start_point[0]})" if start_point else ""))

@@ -23,7 +23,7 @@ from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.trainer import (DivergenceGuard, callbacks, final_loss, param_counts, quiet_printing, report_targets,
                                   require_disk_for_checkpoints, resume_point, run_training, trainer_arguments, vlmfit_trainer,
-                                  with_lengths, with_row_ids)
+                                  with_row_ids)
 
 
 def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = False, resume: RunDir | None = None,
@@ -41,7 +41,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
                   f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
     train_ds, length_report = apply_length_policy(splits.train, collator, cfg, console)
-    train_ds = with_lengths(with_row_ids(train_ds), collator, cfg, console)
+    train_ds = with_row_ids(train_ds)
     require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
     run = resume or RunDir.create(cfg, overwrite)  # only once every check above has passed
     console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start[0]})" if start else ""))

@@ -18,7 +18,7 @@ from vlmfit.chat.collate import ROW
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
 from vlmfit.models.loss import causal_lm_loss
-from vlmfit.rundir import ENVIRONMENT, LORA_TARGETS, RunDir, environment
+from vlmfit.rundir import ENVIRONMENT, LORA_TARGETS, SUMMARY, RunDir, environment
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
 
@@ -51,7 +51,7 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         report_to="none",
         seed=t.seed,
         disable_tqdm=True,
-        # transformers' LengthGroupedSampler over the "length" column (with_lengths) when asked
+        # transformers' LengthGroupedSampler over the "length" column (chat/length.py measures it) when asked
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         # vlmfit's collators read the columns they need; the rest (ROW: the rows the divergence guard names) must
         # reach them, where TRL would keep only its own column names.
@@ -77,16 +77,6 @@ def with_row_ids(ds):
     """The train split with each example's index in it (column ROW): the divergence guard names the rows of a bad
     step. add_column adds one column beside the table, without rewriting the images."""
     return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(len(ds))))
-
-
-def with_lengths(ds, collator, cfg: RunConfig, console: Console):
-    """With train.group_by_length: each example's token length (images expanded) as the "length" column, measured
-    once by the collator, for the Trainer's length-grouped sampler."""
-    if not cfg.train.group_by_length:
-        return ds
-    with console.status(f"measuring {len(ds)} examples for length-grouped batches"):
-        stats = collator.measure([ds[i] for i in range(len(ds))], cfg.train.batch_size)
-    return ds.add_column("length", [s["length"] for s in stats])
 
 
 def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False):
@@ -266,7 +256,7 @@ RESUME_PACKAGES = ("vlmfit", "torch", "transformers", "trl", "peft", "accelerate
 def resume_point(run: RunDir):
     """The checkpoint to resume `run` from, after checking that resuming is safe here; incomplete checkpoints
     (killed mid-write) are removed, and metrics after the checkpoint dropped (those steps run again)."""
-    if run.read_json("summary.json") is not None:
+    if run.read_json(SUMMARY) is not None:
         raise UserError("this run finished; there is nothing to resume", where=str(run.path),
                         hint="start a new run (another output.name), or evaluate / export this one")
     then = (run.read_json(ENVIRONMENT) or {}).get("packages", {})

@@ -288,14 +288,10 @@ def sharpzo(target, cfg: RunConfig, budget: Budget) -> None:
     if state.stage in ("start", "cma-es") and z.generations and z.forward_passes >= per_gen:
         # Full covariance is O(dim^2): above a few thousand tuned values CMA-ES keeps a diagonal one (sep-CMA).
         opts = {"popsize": z.popsize, "seed": cfg.train.seed % (2**32 - 1) + 1, "verbose": -9, "CMA_diagonal": target.dim > 4096}
-        resumed = target.flat()
-        if state.cma_losses:
-            target.set_flat(budget.start)  # CMA-ES starts where the run started; the replay brings it back
-        es = cma.CMAEvolutionStrategy(target.flat(), z.sigma, opts)
+        # Resumed: CMA-ES starts where the run started, and the replay of its told losses rebuilds its state.
+        es = cma.CMAEvolutionStrategy(budget.start if state.cma_losses else target.flat(), z.sigma, opts)
         for told in state.cma_losses:
             es.tell(es.ask(), told)
-        if state.cma_losses:
-            target.set_flat(resumed)
         state.stage = "cma-es"
         for _ in range(len(state.cma_losses), z.generations):
             if budget.used + per_gen > z.forward_passes:
