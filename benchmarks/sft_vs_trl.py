@@ -3,7 +3,12 @@
 Plain TRL: SFTTrainer with its default VLM collator (DataCollatorForVisionLanguageModeling: the model's own loss
 over full logits, every token trained) and PEFT's LoRA on the very modules vlmfit resolves. TRL's padding-free mode
 refuses vision datasets (SFTTrainer raises for them), so there is no padding-free baseline for VLMs.
-vlmfit: `vlmfit train`'s trainer (labels on the assistant reply, lean loss: the LM head only at labelled positions).
+vlmfit: `vlmfit train`'s trainer and training collator (labels on the assistant reply, lean loss: the LM head only
+at labelled positions, processor cache), three ways:
+  vlmfit              padded batches; the processor cache empty at the start (every example encoded in the timed run)
+  vlmfit-packed       train.packing: true (one padding-free row per step), cache empty at the start
+  vlmfit-packed-warm  the same with the cache filled beforehand, untimed (a later epoch, or a rerun on the same data)
+Each run gets its own empty $VLMFIT_CACHE/encoded (the benchmark models are read from the shared cache).
 
 Each (system, repeat) runs in its own process, so peak memory (ru_maxrss, CPU) is that run's. Timed: the training
 steps only (first step begin to last step end), not loading or saving. After training, both models are scored by
@@ -29,6 +34,7 @@ import time
 from pathlib import Path
 
 SIZES = (28, 56, 84, 112)
+SYSTEMS = ("trl", "vlmfit", "vlmfit-packed", "vlmfit-packed-warm")
 GEMMA_VOCAB = 262_144
 
 
@@ -101,7 +107,8 @@ class Clock:
         def wrapped(examples):
             batch = collate(examples)
             self.samples += len(examples)
-            self.tokens += int(batch["attention_mask"].sum())
+            mask = batch.get("attention_mask")  # a packed batch has none: every position is a real token
+            self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             labels = batch.get("labels")
             self.trained += int((labels[:, 1:] != -100).sum()) if labels is not None else 0
             return batch
@@ -138,12 +145,19 @@ def child(args) -> None:
     clock = Clock()
     run = RunDir(tmp / "run")
     run.path.mkdir(parents=True, exist_ok=True)
-    if args.system == "vlmfit":
-        from vlmfit.models.targets import make_trainable
-        from vlmfit.train.sft import make_trainer
+    if args.system.startswith("vlmfit"):
+        from rich.console import Console
 
+        from vlmfit.models.targets import make_trainable
+        from vlmfit.train.sft import make_trainer, train_collator
+
+        if args.system != "vlmfit":
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": True})})
         model, _ = make_trainable(loaded.model, loaded.family, "lora", cfg.lora)
-        collator = VisionChatCollator(loaded.processor, loaded.family)
+        collator = train_collator(VisionChatCollator(loaded.processor, loaded.family), cfg, Console(quiet=True))
+        if args.system.endswith("-warm"):
+            for ex in train:
+                collator.encode_one(ex)
         trainer = make_trainer(model, loaded, clock.counting(collator), train, cfg, run)
     else:
         from trl import SFTConfig, SFTTrainer
@@ -176,20 +190,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--system", choices=["vlmfit", "trl"])
+    ap.add_argument("--system", choices=list(SYSTEMS))
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.system:
         return child(args)
     import tempfile
 
-    results: dict[str, list[dict]] = {"trl": [], "vlmfit": []}
+    import os
+
+    from vlmfit.models.tiny.corpus import cache_home
+
+    bench_model(args.family)  # built once, before any timed run
+    results: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
     for r in range(args.repeats):
-        for system in ("trl", "vlmfit"):  # alternated, so a slow spell of the machine hits both
+        for system in SYSTEMS:  # interleaved, so a slow spell of the machine hits every system
             with tempfile.TemporaryDirectory() as out:
+                cache = Path(out) / "cache"
+                (cache / "tiny").mkdir(parents=True)
+                for model_dir in (cache_home() / "tiny").iterdir():  # the models, not the encoded examples
+                    (cache / "tiny" / model_dir.name).symlink_to(model_dir)
                 cmd = [sys.executable, __file__, "--family", args.family, "--steps", str(args.steps), "--batch",
                        str(args.batch), "--system", system, "--out", out]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLMFIT_CACHE": str(cache)})
                 line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if line is None:
                     sys.exit(f"{system} run {r} failed:\n{proc.stderr[-3000:]}")
@@ -198,14 +221,16 @@ def main() -> None:
     med = {s: {k: statistics.median(x[k] for x in rs) for k in rs[0] if k != "system"} for s, rs in results.items()}
     print(f"\n{args.family}: {args.steps} steps x batch {args.batch}, LoRA r=16 on the language model, AdamW, "
           f"median of {args.repeats} runs each\n")
-    print("| | plain TRL | vlmfit | vlmfit / TRL |\n|---|---|---|---|")
+    print("| | plain TRL | " + " | ".join(SYSTEMS[1:]) + " | " + " | ".join(f"{s} / TRL" for s in SYSTEMS[1:]) + " |")
+    print("|---" * (2 * len(SYSTEMS)) + "|")
     rows = [("samples/s", "samples_per_s", "{:.2f}"), ("input tokens/s", "tokens_per_s", "{:.0f}"),
             ("trained tokens/s", "trained_tokens_per_s", "{:.0f}"), ("share of tokens trained", "trained_token_share", "{:.2f}"),
             ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"), ("RSS after loading (MiB)", "rss_after_load_mib", "{:.0f}"),
             ("final loss", "final_loss", "{:.3f}"), ("test accuracy (200 digits)", "accuracy", "{:.3f}")]
     for label, key, fmt in rows:
-        t, v = med["trl"][key], med["vlmfit"][key]
-        print(f"| {label} | {fmt.format(t)} | {fmt.format(v)} | {v / t:.2f}x |" if t else f"| {label} | {fmt.format(t)} | {fmt.format(v)} | - |")
+        t, vs = med["trl"][key], [med[s][key] for s in SYSTEMS[1:]]
+        ratios = [f"{v / t:.2f}x" if t else "-" for v in vs]
+        print(f"| {label} | {fmt.format(t)} | " + " | ".join(fmt.format(v) for v in vs) + " | " + " | ".join(ratios) + " |")
     print(f"\nparams: {med['vlmfit']['params']:,.0f}; raw: {json.dumps(results)}", file=sys.stderr)
 
 

@@ -171,9 +171,10 @@ def test_dpo_full_resumes_policy_and_keeps_the_starting_reference(vlmfit, digits
 
 def poisoned_collator(monkeypatch, row: int, seen: list):
     """Batches holding train row `row` get NaN pixel values (a corrupt image tensor): the loss and gradients are NaN."""
-    from vlmfit.chat.collate import ROW, VisionChatCollator
+    from vlmfit.chat.collate import ROW
+    from vlmfit.chat.rows import RowCollator  # the training collator (train.processor_cache is on by default)
 
-    call = VisionChatCollator.__call__
+    call = RowCollator.__call__
 
     def collate(self, examples):
         batch = call(self, examples)
@@ -182,7 +183,7 @@ def poisoned_collator(monkeypatch, row: int, seen: list):
             seen.append(batch[ROW].tolist())
         return batch
 
-    monkeypatch.setattr(VisionChatCollator, "__call__", collate)
+    monkeypatch.setattr(RowCollator, "__call__", collate)
 
 
 @pytest.mark.parametrize("action", ["stop", "skip"])

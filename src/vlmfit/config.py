@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmfit.errors import UserError, nearest
 
@@ -159,6 +159,12 @@ class TrainConfig(_Section):
                                     "(0: in the training process)")
     group_by_length: bool = Field(False, description="batches of examples of similar token length (image sizes vary "
                                   "the count), so less padding; lengths measured once before training")
+    packing: bool = Field(False, description="padding-free batches: a step's examples end to end in one row, each with "
+                          "its own positions and attention kept inside it (families where that is proven exact; others "
+                          "fall back to padded batches, with the reason printed)")
+    processor_cache: bool = Field(True, description="keep each example's processor output and labels on disk "
+                                  "($VLMFIT_CACHE/encoded, keyed by processor, settings and content) and reuse it "
+                                  "across epochs and runs")
     save_steps: int = Field(200, ge=1, description="write a resumable checkpoint every this many optimizer steps (and "
                             "at the end): weights, optimizer, scheduler, RNG states, data position")
     save_total_limit: int = Field(2, ge=1, description="keep this many most recent checkpoints")
@@ -194,6 +200,13 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
 
+    @model_validator(mode="after")
+    def _packing_is_sft(self):
+        if self.train.packing and self.method in ("dpo", "zo"):
+            raise ValueError(f"train.packing packs supervised fine-tuning batches (methods full, lora, qlora), not "
+                             f"method {self.method}: set train.packing: false")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -221,6 +234,8 @@ def _explain(err: ValidationError, source: str) -> UserError:
         elif e["type"] == "missing":
             lines.append(f"missing required key '{key}'")
             hint = hint or "see recipes/demo.yaml for a complete recipe"
+        elif not e["loc"]:  # a rule across sections (a model validator): its message says it all
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             got = e.get("input")
             lines.append(f"'{key}': {e['msg']} (got {got!r})")

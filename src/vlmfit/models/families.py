@@ -116,6 +116,13 @@ class Family:
     # Hyperparameters known to go wrong above a limit: ((train.<key>, limit), ...) and what to use instead.
     train_limits: tuple[tuple[str, float], ...] = ()
     train_limits_hint: str = ""
+    # Padding-free packing (train.packing): "mrope" (per-example 3-D positions from the model's own rope index),
+    # "positions" (per-example 1-D positions), or None with the reason in `packing_note` (padded batches instead).
+    # Set only where tests/test_packing.py shows packed == one-at-a-time, losses and gradients.
+    packing: str | None = None
+    packing_note: str = ""
+    # The pixel tensors carry a batch dimension before the images (Idefics3: [batch, images, C, H, W]).
+    images_per_row: bool = False
 
 
 _QWEN = dict(
@@ -131,6 +138,7 @@ _QWEN = dict(
     resolution="pixels",
     resolution_caps=(1003520, 602112, 401408, 200704, 100352),  # 1280 / 768 / 512 / 256 / 128 tokens
     image_features=_qwen_features,
+    packing="mrope",
 )
 # Qwen2/2.5-VL: one LLM token per 28x28 px after smart_resize, the encoder sees 4x that (2x2 merge);
 # hub preprocessor_config: min_pixels 3136, max_pixels 12845056; video frames capped at 768 tokens.
@@ -159,6 +167,8 @@ FAMILIES: dict[str, Family] = {
             # each tile = (image_size/patch)^2 patches, pixel-shuffled by scale_factor^2 into tokens.
             image_rule=ImageRule("tiles", longest_edge_tiles=4, note="tiles of image_size px (+1 global)"),
             image_features=_idefics3_features,
+            packing="positions",
+            images_per_row=True,
         ),
         Family(
             "gemma3",
@@ -174,6 +184,8 @@ FAMILIES: dict[str, Family] = {
             # Every image is resized to 896x896 (4096 patches of 14 px), pooled to mm_tokens_per_image (256).
             image_rule=ImageRule("fixed", tokens_key="mm_tokens_per_image", note="fixed 256 tokens; encoder 4096 patches at 896 px"),
             image_features=_fixed_per_image(lambda c: c.mm_tokens_per_image),
+            packing_note="packed examples score differently from the same examples alone (transformers 5.24; "
+            "its image tokens attend bidirectionally, a mask the packed path does not reproduce exactly)",
         ),
         Family(
             "gemma4",
@@ -200,6 +212,7 @@ FAMILIES: dict[str, Family] = {
             ),
             train_limits=(("lr", 1e-4), ("max_grad_norm", 0.1)),
             train_limits_hint="gradient norms explode with LoRA here, use train.lr: 5.0e-5 and train.max_grad_norm: 0.1",
+            packing_note="packed examples score differently from the same examples alone in transformers 5.24",
         ),
         Family(
             "llava",
@@ -214,6 +227,7 @@ FAMILIES: dict[str, Family] = {
             required_inputs=("pixel_values",),
             image_rule=ImageRule("fixed", cls_position=True, note="CLIP 336 px: 576 tokens (+CLS in the encoder)"),
             image_features=_fixed_per_image(_llava_per_image),
+            packing="positions",
         ),
         Family(
             "paligemma",
@@ -231,6 +245,7 @@ FAMILIES: dict[str, Family] = {
             image_rule=ImageRule("fixed", note="(image_size/patch)^2 tokens"),
             image_features=_fixed_per_image(lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2),
             advice=("PaliGemma is a single-turn prefix-LM: one question, one answer per example.",),
+            packing="positions",
         ),
     ]
 }

@@ -29,7 +29,7 @@ def labelled_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, tor
     """(logits [n, vocab] at the n labelled positions, their targets [n], the row of each [n]), row-major."""
     labels = batch["labels"]
     keep = loss_positions(labels)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "use_cache")}
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1])
     return logits, labels[:, 1:][keep[:, :-1]], keep.nonzero()[:, 0]

@@ -14,11 +14,14 @@ from transformers import set_seed
 
 from vlmfit.chat.collate import LABEL_METHODS, VisionChatCollator
 from vlmfit.chat.length import apply_length_policy
+from vlmfit.chat.rows import EncodedCache, RowCollator, processor_fingerprint
 from vlmfit.config import RunConfig
 from vlmfit.data.splits import load_splits, require_chat
 from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.models.load import Loaded, check_model, load
+from vlmfit.models.packing import packing_refusal
 from vlmfit.models.targets import enable_checkpointing, make_trainable
+from vlmfit.models.tiny.corpus import cache_home
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.trainer import (DivergenceGuard, callbacks, final_loss, param_counts, quiet_printing, report_targets,
@@ -55,7 +58,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         report_targets(resolved, console, run)
     source_rows = train_ds["source_row"] if "source_row" in train_ds.column_names else None
     guard = DivergenceGuard(cfg, run, source_rows)
-    trainer = make_trainer(model, loaded, collator, train_ds, cfg, run, guard)
+    trainer = make_trainer(model, loaded, train_collator(collator, cfg, console), train_ds, cfg, run, guard)
     profiler = None
     if profile:
         from vlmfit.train.profile import StepProfiler
@@ -93,7 +96,7 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
 
     guard = guard or DivergenceGuard(cfg, run)
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
-    trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss)(
+    trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss, family=loaded.family)(
         model=model,
         args=SFTConfig(**trainer_arguments(cfg, run)),
         train_dataset=train_ds,
@@ -103,6 +106,21 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
     )
     quiet_printing(trainer)
     return trainer
+
+
+def train_collator(chat: VisionChatCollator, cfg: RunConfig, console: Console):
+    """What batches the training steps: per-example encodings (cached, packed) unless both are off, then the plain
+    batch collator (the processor's own batch call, as plain TRL's collators make it)."""
+    pack = cfg.train.packing
+    if pack and (why := packing_refusal(chat.family)):
+        console.print(f"[yellow]train.packing: {why}; training on padded batches instead[/]")
+        pack = False
+    if not pack and not cfg.train.processor_cache:
+        return chat
+    cache = EncodedCache(cache_home() / "encoded", processor_fingerprint(chat)) if cfg.train.processor_cache else None
+    if pack:
+        console.print("packing: each step's examples in one padding-free row, positions per example")
+    return RowCollator(chat, cache, pack)
 
 
 def save_weights(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:

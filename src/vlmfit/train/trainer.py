@@ -17,7 +17,9 @@ from transformers import PrinterCallback, TrainerCallback
 from vlmfit.chat.collate import ROW
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
+from vlmfit.models.families import Family
 from vlmfit.models.loss import causal_lm_loss
+from vlmfit.models.packing import unpack_inputs
 from vlmfit.rundir import ENVIRONMENT, LORA_TARGETS, SUMMARY, RunDir, environment
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
@@ -79,13 +81,14 @@ def with_row_ids(ds):
     return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(len(ds))))
 
 
-def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False):
+def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False, family: Family | None = None):
     """`trainer_class` (TRL's SFTTrainer or DPOTrainer) as vlmfit runs it:
     - with `lean_loss`, the loss is models.loss.causal_lm_loss: the LM head only at the labelled positions, never
       full logits. Trainer.compute_loss is the documented place to change the loss; the normalisation follows the
       Trainer's (its global count of labelled tokens when the model takes loss kwargs, else this micro-batch's mean,
       which the Trainer then divides by the accumulation steps). Without it, the trainer's own loss, unchanged.
     - the batch rows (ROW, put there by the collators) are taken out before the model sees the batch, for the guard;
+    - a packed batch (chat/rows.py) gets its examples' own position ids here, where the model is (`family`'s rule);
     - every optimizer step's gradient norm (before clipping: the value the Trainer logs) goes through the guard,
       which can drop the step's gradients (the optimizer then skips every parameter) or stop the run."""
 
@@ -94,6 +97,8 @@ def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = Fa
             rows = inputs.pop(ROW, None)
             if rows is not None:
                 guard.rows.extend(rows.tolist())
+            if family is not None:
+                inputs = unpack_inputs(model, inputs, family)
             if not lean_loss:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)

@@ -83,10 +83,13 @@ def mnist_digits(seed: int = 0, test_per_class: int = 100, invert: bool = False,
     return out
 
 
+def cache_home() -> pathlib.Path:
+    """vlmfit's cache directory: $VLMFIT_CACHE, else ~/.cache/vlmfit (tiny models, encoded examples)."""
+    return pathlib.Path(os.environ.get("VLMFIT_CACHE") or pathlib.Path.home() / ".cache" / "vlmfit")
+
+
 def cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
-    if cache_dir is None:
-        cache_dir = os.environ.get("VLMFIT_CACHE") or pathlib.Path.home() / ".cache" / "vlmfit"
-    return pathlib.Path(cache_dir) / "tiny"
+    return pathlib.Path(cache_dir if cache_dir is not None else cache_home()) / "tiny"
 
 
 def cached_build(target: pathlib.Path, build) -> pathlib.Path:

@@ -1,0 +1,200 @@
+"""Batches from per-example encodings: each example is encoded alone by VisionChatCollator (processor output and
+labels, once per example: cached on disk per processor + settings + example content, so later epochs and later
+runs skip the processor), then the step's examples are assembled into a right-padded batch (what the processor's
+own batch call gives: tests/test_packing.py) or, with packing, into one padding-free row whose examples keep
+their own positions (models/packing.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import torch
+
+import vlmfit
+from vlmfit.chat import collate, schema
+from vlmfit.chat.collate import ROW, VisionChatCollator
+from vlmfit.models.loss import IGNORE_INDEX
+from vlmfit.models.packing import SEGMENTS
+
+ROWS_FORMAT = 1  # bump when what an encoded row holds changes: old cache entries are then never read
+# Sequence-shaped tensors and what pads them; every other tensor is per image (or per tile, per video).
+PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "token_type_ids": 0, "mm_token_type_ids": 0}
+
+
+def processor_fingerprint(chat: VisionChatCollator) -> str:
+    """What an encoding depends on besides the example: vlmfit's label code, the processor (tokenizer, template,
+    image and video settings: the resolution is there) and the collator's settings."""
+    proc, tok = chat.processor, chat.processor.tokenizer
+    code = [pathlib.Path(m.__file__).read_bytes() for m in (collate, schema)]  # the label code itself, edits included
+    parts = [vlmfit.__version__, ROWS_FORMAT, hashlib.blake2b(b"".join(code)).hexdigest(), type(proc).__name__, tok.name_or_path, len(tok),
+             getattr(proc, "chat_template", None) or tok.chat_template, chat.family.name, chat.loss_on, chat.label_method,
+             chat.max_length]
+    for attr in ("image_processor", "video_processor"):
+        sub = getattr(proc, attr, None)  # not every processor has a video processor
+        parts.append(sub.to_json_string() if sub is not None else "")
+    return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
+
+
+def _feed(h, value) -> None:
+    if hasattr(value, "tobytes") and hasattr(value, "mode"):  # a PIL image: its pixels, not its file
+        h.update(f"PIL{value.mode}{value.size}".encode())
+        h.update(value.tobytes())
+    elif isinstance(value, np.ndarray):
+        h.update(f"np{value.dtype}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _feed(h, v)
+        h.update(b"]")
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for k in sorted(value):
+            h.update(str(k).encode())
+            _feed(h, value[k])
+        h.update(b"}")
+    else:
+        h.update(repr(value).encode())
+
+
+def example_key(example: dict) -> str:
+    """Content hash of what the encoding reads: messages, images (pixels), videos (frames) and their timing."""
+    h = hashlib.blake2b(digest_size=20)
+    for field in ("messages", "images", "videos", "video_meta"):
+        h.update(field.encode())
+        _feed(h, example.get(field) or [])
+    return h.hexdigest()
+
+
+class EncodedCache:
+    """Encoded examples on disk under `root/<processor fingerprint>/`, plus the ones seen in this process in memory
+    (up to `memory_bytes`). Files are written whole (temp file, then rename): dataloader workers may share it."""
+
+    def __init__(self, root: pathlib.Path, fingerprint: str, memory_bytes: int = 1 << 30):
+        self.dir = pathlib.Path(root) / fingerprint
+        self.memory: dict[str, dict] = {}
+        self.memory_left = memory_bytes
+        self.hits = self.misses = 0
+
+    def _path(self, key: str) -> pathlib.Path:
+        return self.dir / key[:2] / f"{key}.pt"
+
+    def get(self, key: str) -> dict | None:
+        row = self.memory.get(key)
+        if row is None:
+            path = self._path(key)
+            if not path.is_file():
+                self.misses += 1
+                return None
+            try:
+                row = torch.load(path, weights_only=True)
+            except Exception:  # a torn or foreign file: encode again and overwrite it
+                self.misses += 1
+                return None
+            self._remember(key, row)
+        self.hits += 1
+        return row
+
+    def put(self, key: str, row: dict) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        torch.save(row, buf)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+        self._remember(key, row)
+
+    def _remember(self, key: str, row: dict) -> None:
+        size = sum(v.numel() * v.element_size() for v in row.values())
+        if size <= self.memory_left:
+            self.memory[key], self.memory_left = row, self.memory_left - size
+
+
+class RowCollator:
+    """Examples -> a training batch from per-example encodings (cached when `cache` is given): right-padded, or with
+    `pack` one padding-free row (batch[SEGMENTS] tells the model side where each example starts)."""
+
+    def __init__(self, chat: VisionChatCollator, cache: EncodedCache | None = None, pack: bool = False):
+        self.chat, self.cache, self.pack = chat, cache, pack
+        self.family = chat.family
+
+    def encode_one(self, example: dict) -> dict:
+        key = example_key(example) if self.cache is not None else None
+        row = self.cache.get(key) if key is not None else None
+        if row is None:
+            row = {k: v for k, v in self.chat([{k: v for k, v in example.items() if k != ROW}]).items()}
+            if key is not None:
+                self.cache.put(key, row)
+        return row
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [self.encode_one(ex) for ex in examples]
+        batch = pack_rows(rows, self.family.images_per_row) if self.pack else pad_rows(rows, self.family.images_per_row,
+                                                                                       self.chat.processor.tokenizer.pad_token_id)
+        if all(ROW in ex for ex in examples):
+            batch[ROW] = torch.tensor([ex[ROW] for ex in examples])
+        return batch
+
+    def measure(self, examples: list[dict], batch_size: int = 32) -> list[dict]:
+        return self.chat.measure(examples, batch_size)
+
+
+def _image_keys(rows: list[dict]) -> list[str]:
+    keys = []
+    for row in rows:
+        keys += [k for k in row if k not in PAD_VALUES and k not in keys]
+    return keys
+
+
+def _pad_to(t: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_full(shape, value)], dim)
+
+
+def pad_rows(rows: list[dict], images_per_row: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of single-example encodings, laid out as the processor lays out its own batches."""
+    width = max(r["input_ids"].shape[1] for r in rows)
+    batch = {}
+    for key, value in PAD_VALUES.items():
+        if key in rows[0]:
+            batch[key] = torch.cat([_pad_to(r[key], 1, width, pad_id if value is None else value) for r in rows])
+    for key in _image_keys(rows):
+        have = [r[key] for r in rows if key in r]
+        if images_per_row:  # [1, images, ...] per example: pad the image dimension (zero images are padding)
+            n = max(t.shape[1] for t in have)
+            like = have[0]
+            parts = [_pad_to(r[key], 1, n, 0) if key in r else like.new_zeros((1, n, *like.shape[2:])) for r in rows]
+            batch[key] = torch.cat(parts)
+        else:
+            batch[key] = torch.cat(have)
+    return batch
+
+
+def pack_rows(rows: list[dict], images_per_row: bool) -> dict[str, torch.Tensor]:
+    """One row holding every example end to end, no attention mask, and the segment table."""
+    batch = {key: torch.cat([r[key] for r in rows], 1) for key in PAD_VALUES if key in rows[0] and key != "attention_mask"}
+    if "labels" in batch:  # an example's last position must not learn the next example's first token
+        starts = np.cumsum([0] + [r["input_ids"].shape[1] for r in rows[:-1]])
+        batch["labels"] = batch["labels"].clone()
+        batch["labels"][0, starts] = IGNORE_INDEX
+    for key in _image_keys(rows):
+        have = [r[key] for r in rows if key in r]
+        batch[key] = torch.cat(have, 1 if images_per_row else 0)
+    batch[SEGMENTS] = torch.tensor([[r["input_ids"].shape[1], _count(r, "image_grid_thw"), _count(r, "video_grid_thw")]
+                                    for r in rows])
+    return batch
+
+
+def _count(row: dict, key: str) -> int:
+    return int(row[key].shape[0]) if key in row else 0

@@ -1,0 +1,64 @@
+"""Padding-free packed batches, the model side: a packed batch is one row holding several examples end to end,
+with no attention mask and no padding. Each example gets its own position ids, starting at 0, from which
+transformers' mask code (masking_utils.find_packed_sequence_indices) builds the block-diagonal mask that keeps
+attention inside each example (flash-attention's varlen kernel reads the same positions on GPU). For the M-RoPE
+families the positions are the model's own `get_rope_index`, run per example, with text positions as a fourth row
+(the layout Qwen2/2.5/3-VL's forward reads as packed)."""
+
+from __future__ import annotations
+
+import torch
+
+from vlmfit.errors import UserError
+from vlmfit.models.families import Family
+
+SEGMENTS = "vlmfit_segments"  # batch key, [examples, 3]: tokens, images, videos of each packed example, in order
+
+
+def packing_refusal(family: Family) -> str | None:
+    """Why this family is not packed (None: it is)."""
+    if family.packing:
+        return None
+    return family.packing_note or f"packing is not verified for {family.name}"
+
+
+def _rope_index_owner(model):
+    for module in model.modules():
+        if hasattr(module, "get_rope_index"):
+            return module
+    raise UserError(f"{type(model).__name__} has no get_rope_index, which M-RoPE packing needs",
+                    hint="set train.packing: false")
+
+
+@torch.no_grad()
+def packed_position_ids(model, batch: dict, family: Family) -> torch.Tensor:
+    """Position ids of a packed batch (batch[SEGMENTS] says where each example starts and how many images and
+    videos it has): [1, tokens] aranges per example, or for "mrope" [4, 1, tokens] (text row + the model's 3-D)."""
+    segments = batch[SEGMENTS].tolist()
+    ids = batch["input_ids"]
+    if family.packing == "positions":
+        return torch.cat([torch.arange(n, device=ids.device) for n, _, _ in segments])[None]
+    owner = _rope_index_owner(model)
+    parts, start, img, vid = [], 0, 0, 0
+    for n, n_img, n_vid in segments:
+        kwargs = {"mm_token_type_ids": batch["mm_token_type_ids"][:, start:start + n]}
+        if n_img:
+            kwargs["image_grid_thw"] = batch["image_grid_thw"][img:img + n_img]
+        if n_vid:
+            kwargs["video_grid_thw"] = batch["video_grid_thw"][vid:vid + n_vid]
+        ones = torch.ones((1, n), dtype=torch.long, device=ids.device)
+        rope, _ = owner.get_rope_index(ids[:, start:start + n], attention_mask=ones, **kwargs)
+        parts.append(torch.cat([torch.arange(n, device=ids.device).view(1, 1, n), rope.to(ids.device)], 0))
+        start, img, vid = start + n, img + n_img, vid + n_vid
+    return torch.cat(parts, -1)
+
+
+def unpack_inputs(model, batch: dict, family: Family) -> dict:
+    """The model inputs of a batch: for a packed one, its per-example position ids in place of the segment table
+    (and no cache, whose presence would turn the packed mask off); any other batch unchanged."""
+    if SEGMENTS not in batch:
+        return batch
+    inputs = {k: v for k, v in batch.items() if k != SEGMENTS}
+    inputs["position_ids"] = packed_position_ids(model, batch, family)
+    inputs["use_cache"] = False
+    return inputs
