@@ -8,6 +8,7 @@ at labelled positions, processor cache), three ways:
   vlmfit              padded batches; the processor cache empty at the start (every example encoded in the timed run)
   vlmfit-packed       train.packing: true (one padding-free row per step), cache empty at the start
   vlmfit-packed-warm  the same with the cache filled beforehand, untimed (a later epoch, or a rerun on the same data)
+  vlmfit-warm         padded batches, cache filled beforehand (for families that packing refuses, e.g. Gemma 3)
 Each run gets its own empty $VLMFIT_CACHE/encoded (the benchmark models are read from the shared cache).
 
 Each (system, repeat) runs in its own process, so peak memory (ru_maxrss, CPU) is that run's. Timed: the training
@@ -34,7 +35,8 @@ import time
 from pathlib import Path
 
 SIZES = (28, 56, 84, 112)
-SYSTEMS = ("trl", "vlmfit", "vlmfit-packed", "vlmfit-packed-warm")
+SYSTEMS = ("trl", "vlmfit", "vlmfit-warm", "vlmfit-packed", "vlmfit-packed-warm")
+DEFAULT_SYSTEMS = ("trl", "vlmfit", "vlmfit-packed", "vlmfit-packed-warm")
 GEMMA_VOCAB = 262_144
 
 
@@ -151,7 +153,7 @@ def child(args) -> None:
         from vlmfit.models.targets import make_trainable
         from vlmfit.train.sft import make_trainer, train_collator
 
-        if args.system != "vlmfit":
+        if "packed" in args.system:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": True})})
         model, _ = make_trainable(loaded.model, loaded.family, "lora", cfg.lora)
         collator = train_collator(VisionChatCollator(loaded.processor, loaded.family), cfg, Console(quiet=True))
@@ -192,6 +194,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--system", choices=list(SYSTEMS))
     ap.add_argument("--out")
+    ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated, from " + ", ".join(SYSTEMS))
     args = ap.parse_args()
     if args.system:
         return child(args)
@@ -202,9 +205,12 @@ def main() -> None:
     from vlmfit.models.tiny.corpus import cache_home
 
     bench_model(args.family)  # built once, before any timed run
-    results: dict[str, list[dict]] = {s: [] for s in SYSTEMS}
+    systems = tuple(args.systems.split(","))
+    if systems[0] != "trl" or not set(systems) <= set(SYSTEMS):
+        sys.exit(f"--systems: trl first, then any of {', '.join(SYSTEMS[1:])}")
+    results: dict[str, list[dict]] = {s: [] for s in systems}
     for r in range(args.repeats):
-        for system in SYSTEMS:  # interleaved, so a slow spell of the machine hits every system
+        for system in systems:  # interleaved, so a slow spell of the machine hits every system
             with tempfile.TemporaryDirectory() as out:
                 cache = Path(out) / "cache"
                 (cache / "tiny").mkdir(parents=True)
@@ -221,14 +227,14 @@ def main() -> None:
     med = {s: {k: statistics.median(x[k] for x in rs) for k in rs[0] if k != "system"} for s, rs in results.items()}
     print(f"\n{args.family}: {args.steps} steps x batch {args.batch}, LoRA r=16 on the language model, AdamW, "
           f"median of {args.repeats} runs each\n")
-    print("| | plain TRL | " + " | ".join(SYSTEMS[1:]) + " | " + " | ".join(f"{s} / TRL" for s in SYSTEMS[1:]) + " |")
-    print("|---" * (2 * len(SYSTEMS)) + "|")
+    print("| | plain TRL | " + " | ".join(systems[1:]) + " | " + " | ".join(f"{s} / TRL" for s in systems[1:]) + " |")
+    print("|---" * (2 * len(systems)) + "|")
     rows = [("samples/s", "samples_per_s", "{:.2f}"), ("input tokens/s", "tokens_per_s", "{:.0f}"),
             ("trained tokens/s", "trained_tokens_per_s", "{:.0f}"), ("share of tokens trained", "trained_token_share", "{:.2f}"),
             ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"), ("RSS after loading (MiB)", "rss_after_load_mib", "{:.0f}"),
             ("final loss", "final_loss", "{:.3f}"), ("test accuracy (200 digits)", "accuracy", "{:.3f}")]
     for label, key, fmt in rows:
-        t, vs = med["trl"][key], [med[s][key] for s in SYSTEMS[1:]]
+        t, vs = med["trl"][key], [med[s][key] for s in systems[1:]]
         ratios = [f"{v / t:.2f}x" if t else "-" for v in vs]
         print(f"| {label} | {fmt.format(t)} | " + " | ".join(fmt.format(v) for v in vs) + " | " + " | ".join(ratios) + " |")
     print(f"\nparams: {med['vlmfit']['params']:,.0f}; raw: {json.dumps(results)}", file=sys.stderr)

@@ -201,3 +201,34 @@ def test_packing_falls_back_for_a_family_it_would_get_wrong_and_is_sft_only(tmp_
     code, out, err = vlmfit("train", "demo", "--set", "method=dpo", "--set", "train.packing=true")
     text = " ".join((out + err).split())
     assert code == 2 and "train.packing packs supervised fine-tuning batches" in text and "Traceback" not in text
+
+
+def test_plan_and_measurement_account_for_packing():
+    """The planner adds the packed row's block-diagonal mask ((batch x seq)^2 bytes) for a family that packs and
+    nothing for one that falls back; `vlmfit plan --measure` measures packed steps, and the plan follows them."""
+    from vlmfit.config import load_config
+    from vlmfit.memory.catalog import load_model_config
+    from vlmfit.memory.measure import measure_recipe
+    from vlmfit.memory.plan import plan_memory
+    from vlmfit.memory.shape import model_shape
+
+    def plan(name, packing, batch=8):
+        cfg = load_config(base={"model": {"name": name}}, overrides=[f"train.batch_size={batch}", f"train.packing={packing}"])
+        return plan_memory(cfg, text_tokens=512, shape=model_shape(load_model_config(name)))
+
+    qwen = "Qwen/Qwen2.5-VL-3B-Instruct"
+    on, off = plan(qwen, "true"), plan(qwen, "false")
+    seq = on.tokens["seq_len"]
+    assert on.peak - off.peak == pytest.approx((8 * seq) ** 2, rel=0.01) and any("packing" in n for n in on.notes)
+    assert plan(qwen, "true", batch=1).peak == plan(qwen, "false", batch=1).peak  # one example: nothing to mask
+    gemma = "google/gemma-3-4b-it"
+    assert plan(gemma, "true").peak == plan(gemma, "false").peak
+
+    measured = {}
+    for packing in ("false", "true"):
+        cfg = load_config(base={"model": {"name": "tiny:qwen2_vl", "dtype": "float32"}, "data": {"source": "builtin:mnist"}},
+                          overrides=["method=lora", "train.batch_size=4", f"train.packing={packing}"])
+        m, predicted = measure_recipe(cfg, steps=2)
+        assert predicted.peak == pytest.approx(m.peak, rel=0.25)  # the tiny model's bound in test_memory.py
+        measured[packing] = m
+    assert measured["true"].losses[0] == pytest.approx(measured["false"].losses[0], rel=1e-5)  # the same examples

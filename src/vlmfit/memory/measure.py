@@ -150,10 +150,14 @@ def predict_for_batch(cfg, batch: dict, config, device: str, shape=None):
     from vlmfit.memory.estimate import estimate, inputs_from_config
     from vlmfit.memory.shape import model_shape
     from vlmfit.memory.vision import image_cost
+    from vlmfit.models.packing import SEGMENTS
 
     shape = shape or model_shape(config, cfg.model.name)
     ids = batch["input_ids"]
     b, seq = ids.shape
+    if SEGMENTS in batch:  # a packed row: its examples, at their mean length
+        b = len(batch[SEGMENTS])
+        seq = ids.shape[1] // b
     media_ids = [getattr(config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")]
     media = sum(int((ids == t).sum()) for t in set(media_ids) if isinstance(t, int)) // b
     ref = image_cost(config, shape.family, 1024, 1024, model=cfg.model.name)
@@ -168,9 +172,11 @@ def measure_recipe(cfg, steps: int = 3, shape=None):
     """Load the recipe's model as `vlmfit train` does (quantization, method, checkpointing, optimizer), run `steps`
     steps on its first batch, and return (Measured, the planner's Breakdown for that batch)."""
     from vlmfit.chat.collate import VisionChatCollator
+    from vlmfit.chat.rows import RowCollator
     from vlmfit.data.splits import load_splits
     from vlmfit.errors import UserError
     from vlmfit.models.load import load
+    from vlmfit.models.packing import packing_refusal, unpack_inputs
     from vlmfit.models.targets import enable_checkpointing, make_trainable
 
     if cfg.method == "dpo":
@@ -183,9 +189,14 @@ def measure_recipe(cfg, steps: int = 3, shape=None):
     enable_checkpointing(model, loaded.family, list(cfg.train.gradient_checkpointing))
     train_ds = load_splits(cfg).train
     collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
-    batch = collator([train_ds[i] for i in range(min(cfg.train.batch_size, len(train_ds)))])
+    examples = [train_ds[i] for i in range(min(cfg.train.batch_size, len(train_ds)))]
+    packed = cfg.train.packing and packing_refusal(loaded.family) is None
+    batch = RowCollator(collator, pack=True)(examples) if packed else collator(examples)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    plan_batch = batch
+    if packed:
+        batch = unpack_inputs(model, batch, loaded.family)
     optimizer = make_optimizer(model, cfg.train.optim, cfg.train.lr)
     measured = measure_steps(model, batch, optimizer, steps=steps, grad_accum=cfg.train.grad_accum,
                              max_grad_norm=cfg.train.max_grad_norm, lean=cfg.train.lean_loss)
-    return measured, predict_for_batch(cfg, batch, loaded.model.config, device, shape)
+    return measured, predict_for_batch(cfg, plan_batch, loaded.model.config, device, shape)
