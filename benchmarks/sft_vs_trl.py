@@ -158,8 +158,8 @@ def child(args) -> None:
         model, _ = make_trainable(loaded.model, loaded.family, "lora", cfg.lora)
         collator = train_collator(VisionChatCollator(loaded.processor, loaded.family), cfg, Console(quiet=True))
         if args.system.endswith("-warm"):
-            for ex in train:
-                collator.encode_one(ex)
+            for i in range(0, len(train), args.batch):
+                collator.encode([train[j] for j in range(i, min(i + args.batch, len(train)))])
         trainer = make_trainer(model, loaded, clock.counting(collator), train, cfg, run)
     else:
         from trl import SFTConfig, SFTTrainer

@@ -123,6 +123,41 @@ def test_rows_assemble_into_the_processors_own_padded_batch(family):
         assert ref[k].dtype == got[k].dtype and torch.equal(ref[k], got[k]), k
 
 
+def _video_examples():
+    from helpers import sample_video_files
+    from vlmfit.data.video import sample_frames, video_example
+
+    out = []
+    for path, n in zip(sample_video_files()[:2], (4, 6)):
+        v = sample_frames(path, num_frames=n, max_side=56)
+        ex = video_example("What happens in the video?", "Something moves.", v)
+        ex["video_meta"] = [{"fps": v.source_fps, "duration": v.duration, "timestamps": list(v.timestamps)}]
+        out.append(ex)
+    return out
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_one_processor_call_splits_into_the_single_example_encodings(family):
+    """Cache misses are encoded in one processor call and split (split_batch): each piece equals the example's
+    own encoding, images of several sizes and counts per example, and videos where the family takes them."""
+    from vlmfit.chat.rows import split_batch
+
+    loaded = load(f"tiny:{family}")
+    chat = VisionChatCollator(loaded.processor, loaded.family)
+    sets = [_examples(loaded.family)]
+    if loaded.family.video_token:
+        sets.append(_video_examples())
+    for exs in sets:
+        pieces = split_batch(chat(exs), [len(e["images"]) for e in exs], [[len(v) for v in e.get("videos") or []] for e in exs],
+                             loaded.family.images_per_row)
+        assert pieces is not None
+        for piece, ex in zip(pieces, exs):
+            alone = chat([ex])
+            assert set(piece) == set(alone), (set(piece) ^ set(alone))
+            for k in alone:
+                assert piece[k].dtype == alone[k].dtype and torch.equal(piece[k], alone[k]), k
+
+
 def test_cache_is_reused_across_processes_and_keyed_by_model_resolution_and_data(tmp_path):
     loaded = load("tiny:qwen2_vl")
     chat = VisionChatCollator(loaded.processor, loaded.family)
@@ -130,7 +165,10 @@ def test_cache_is_reused_across_processes_and_keyed_by_model_resolution_and_data
     fp = processor_fingerprint(chat)
     first = RowCollator(chat, EncodedCache(tmp_path, fp))
     fresh = first(exs)
-    assert (first.cache.hits, first.cache.misses) == (0, 3) and len(list((tmp_path / fp).rglob("*.pt"))) == 3
+    assert (first.cache.hits, first.cache.misses) == (0, 3) and len(list((tmp_path / fp).rglob("*.safetensors"))) == 3
+    singles = [chat([{k: v for k, v in ex.items() if k != ROW}]) for ex in exs]
+    for single, row in zip(singles, first.encode(exs)):  # the batched encoding of the misses, split per example
+        assert all(torch.equal(single[k], row[k]) for k in single)
     again = RowCollator(chat, EncodedCache(tmp_path, fp))  # a new run: nothing in memory, everything on disk
     cached = again(exs)
     assert (again.cache.hits, again.cache.misses) == (0 + 3, 0)
@@ -138,7 +176,7 @@ def test_cache_is_reused_across_processes_and_keyed_by_model_resolution_and_data
     assert cached[ROW].tolist() == [0, 1, 2]  # the run's row ids are not part of what is cached
 
     # A torn file is encoded again, not trusted.
-    victim = next((tmp_path / fp).rglob("*.pt"))
+    victim = next((tmp_path / fp).rglob("*.safetensors"))
     victim.write_bytes(b"torn")
     third = RowCollator(chat, EncodedCache(tmp_path, fp))
     assert torch.equal(third(exs)["input_ids"], fresh["input_ids"]) and third.cache.misses == 1
