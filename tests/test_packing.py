@@ -34,40 +34,55 @@ def _examples(family, digit=0):
 
 
 def _token_nll(model, inputs):
-    """[positions] next-token NLL over the batch's single row, zero where the label is ignored."""
-    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[0, :-1].float()
-    labels = inputs["labels"][0, 1:]
-    return F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * (labels != IGNORE_INDEX)
+    """[rows, positions] next-token NLL, zero where the label is ignored."""
+    logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1].float()
+    labels = inputs["labels"][:, 1:]
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none").view(labels.shape)
+    return nll * (labels != IGNORE_INDEX)
 
 
-def _alone_and_packed(loaded, examples):
+def _alone_and_packed(loaded, examples, budget=None):
     chat = VisionChatCollator(loaded.processor, loaded.family)
     singles = [chat([ex]) for ex in examples]
-    packed = RowCollator(chat, pack=True)(examples)
-    return singles, unpack_inputs(loaded.model, packed, loaded.family), packed[SEGMENTS][:, 0].tolist()
+    packed = RowCollator(chat, pack=True, pack_tokens=budget)(examples)
+    return singles, unpack_inputs(loaded.model, packed, loaded.family), packed[SEGMENTS][:, :2].tolist()
 
 
-def _split(values, lengths):
-    out, start = [], 0
-    for n in lengths:
-        out.append(values[start:start + n - 1])  # a row's last position predicts nothing of its own
-        start += n
+def _split(values, segments):
+    """Per example, its positions' values (values: [rows, positions])."""
+    out, used = [], {}
+    for row, n in segments:
+        start = used.get(row, 0)
+        out.append(values[row, start:start + n - 1])  # an example's last position predicts nothing of its own
+        used[row] = start + n
     return out
 
 
-@pytest.mark.parametrize("family", [pytest.param(f, marks=[] if f in FAST else pytest.mark.slow) for f in PACKED])
-def test_packed_row_scores_each_example_as_alone_losses_and_gradients(family):
+@pytest.mark.parametrize("family,budget", [pytest.param(f, b, marks=[] if f in FAST else pytest.mark.slow)
+                                           for f in PACKED for b in (None, "longest")])
+def test_packed_row_scores_each_example_as_alone_losses_and_gradients(family, budget):
+    """One packed row, or (a budget of the longest example's tokens) several rows padded to the longest: the same
+    per-example losses."""
     loaded = load(f"tiny:{family}", dtype="float32")
     model = loaded.model.train()  # the training mask (tiny models have no dropout)
-    singles, packed, lengths = _alone_and_packed(loaded, _examples(loaded.family))
+    examples = _examples(loaded.family)
+    if budget == "longest":
+        chat = VisionChatCollator(loaded.processor, loaded.family)
+        budget = max(chat([ex])["input_ids"].shape[1] for ex in examples)
+    singles, packed, lengths = _alone_and_packed(loaded, examples, budget)
     assert len(lengths) == 3 and "attention_mask" not in packed
+    rows = {row for row, _ in lengths}
+    assert len(rows) == (1 if budget is None else packed["input_ids"].shape[0]) and (budget is None) == (len(rows) == 1)
+    if budget is not None:
+        assert all(sum(n for r, n in lengths if r == row) <= budget or sum(1 for r, _ in lengths if r == row) == 1
+                   for row in rows)
     packed_nll = _token_nll(model, packed)
     packed_nll.sum().backward()
     g_packed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     alone = []
     for s in singles:
-        nll = _token_nll(model, {**s, "use_cache": False})
+        nll = _token_nll(model, {**s, "use_cache": False})[0]
         nll.sum().backward()  # gradients of the three examples accumulate: the packed row's sum
         alone.append(nll.detach())
     for got, want in zip(_split(packed_nll.detach(), lengths), alone):
@@ -89,7 +104,7 @@ def test_no_attention_across_example_boundaries(family):
     for exs in (base, changed):
         _, packed, lengths = _alone_and_packed(loaded, exs)
         with torch.no_grad():
-            outs.append((model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0], lengths))
+            outs.append((model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0], [n for _, n in lengths]))
     (a, la), (b, lb) = outs
     assert la[1:] == lb[1:] and la[0] != lb[0]
     assert torch.allclose(a[la[0]:], b[lb[0]:], atol=1e-6)
@@ -107,7 +122,7 @@ def test_families_not_packed_are_the_ones_that_would_be_packed_wrongly():
     singles, packed, lengths = _alone_and_packed(loaded, _examples(loaded.family))
     with torch.no_grad():
         got = _split(_token_nll(loaded.model.train(), packed), lengths)
-        want = [_token_nll(loaded.model, {**s, "use_cache": False}) for s in singles]
+        want = [_token_nll(loaded.model, {**s, "use_cache": False})[0] for s in singles]
     assert any(not torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(got, want))
 
 
@@ -206,6 +221,7 @@ def test_packed_training_logs_the_losses_of_padded_training(tmp_path):
     data = data.map(lambda ex, i: {"images": [im.resize((28 + 28 * (i % 3),) * 2) for im in ex["images"]]}, with_indices=True)
     losses = {}
     for name, make in (("padded", lambda c: c), ("packed", lambda c: RowCollator(c, pack=True)),
+                       ("packed rows of 80 tokens", lambda c: RowCollator(c, pack=True, pack_tokens=80)),
                        ("packed+cache", lambda c: RowCollator(c, EncodedCache(tmp_path / "cache", processor_fingerprint(c)), True))):
         cfg = load_config(base={"model": {"name": "tiny:qwen2_vl"}}, overrides=[
             "method=full", f"output.dir={tmp_path}", "train.max_steps=3", "train.batch_size=2", "train.grad_accum=2",
@@ -218,7 +234,7 @@ def test_packed_training_logs_the_losses_of_padded_training(tmp_path):
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in rows if "loss" in r]
     assert len(losses["padded"]) == 3
-    for name in ("packed", "packed+cache"):
+    for name in ("packed", "packed rows of 80 tokens", "packed+cache"):
         assert losses[name] == pytest.approx(losses["padded"], rel=1e-4), losses
 
 
@@ -259,6 +275,10 @@ def test_plan_and_measurement_account_for_packing():
     seq = on.tokens["seq_len"]
     assert on.peak - off.peak == pytest.approx((8 * seq) ** 2, rel=0.01) and any("packing" in n for n in on.notes)
     assert plan(qwen, "true", batch=1).peak == plan(qwen, "false", batch=1).peak  # one example: nothing to mask
+    cfg = load_config(base={"model": {"name": qwen}}, overrides=["train.batch_size=8", "train.packing=true",
+                                                                 f"train.pack_tokens={2 * seq}"])
+    rows = plan_memory(cfg, text_tokens=512, shape=model_shape(load_model_config(qwen)))  # 4 rows of 2 examples
+    assert rows.peak - off.peak == pytest.approx(4 * (2 * seq) ** 2, rel=0.01)
     gemma = "google/gemma-3-4b-it"
     assert plan(gemma, "true").peak == plan(gemma, "false").peak
 

@@ -162,6 +162,8 @@ class TrainConfig(_Section):
     packing: bool = Field(False, description="padding-free batches: a step's examples end to end in one row, each with "
                           "its own positions and attention kept inside it (families where that is proven exact; others "
                           "fall back to padded batches, with the reason printed)")
+    pack_tokens: int | None = Field(None, ge=16, description="with packing: the most tokens in one packed row; a step's "
+                                    "examples then fill several rows (null: one row per step)")
     processor_cache: bool = Field(True, description="keep each example's processor output and labels on disk "
                                   "($VLMFIT_CACHE/encoded, keyed by processor, settings and content) and reuse it "
                                   "across epochs and runs")

@@ -119,10 +119,12 @@ class EncodedCache:
 
 class RowCollator:
     """Examples -> a training batch from per-example encodings (cached when `cache` is given): right-padded, or with
-    `pack` one padding-free row (batch[SEGMENTS] tells the model side where each example starts)."""
+    `pack` padding-free rows (one, or rows of at most `pack_tokens`; batch[SEGMENTS] tells the model side where
+    each example starts)."""
 
-    def __init__(self, chat: VisionChatCollator, cache: EncodedCache | None = None, pack: bool = False):
-        self.chat, self.cache, self.pack = chat, cache, pack
+    def __init__(self, chat: VisionChatCollator, cache: EncodedCache | None = None, pack: bool = False,
+                 pack_tokens: int | None = None):
+        self.chat, self.cache, self.pack, self.pack_tokens = chat, cache, pack, pack_tokens
         self.family = chat.family
 
     def encode_one(self, example: dict) -> dict:
@@ -152,8 +154,9 @@ class RowCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows = self.encode(examples)
-        batch = pack_rows(rows, self.family.images_per_row) if self.pack else pad_rows(rows, self.family.images_per_row,
-                                                                                       self.chat.processor.tokenizer.pad_token_id)
+        pad_id = self.chat.processor.tokenizer.pad_token_id
+        batch = (pack_rows(rows, self.family.images_per_row, self.pack_tokens, pad_id) if self.pack
+                 else pad_rows(rows, self.family.images_per_row, pad_id))
         if all(ROW in ex for ex in examples):
             batch[ROW] = torch.tensor([ex[ROW] for ex in examples])
         return batch
@@ -233,18 +236,34 @@ def split_batch(batch: dict, images: list[int], videos: list[list[int]], images_
     return rows
 
 
-def pack_rows(rows: list[dict], images_per_row: bool) -> dict[str, torch.Tensor]:
-    """One row holding every example end to end, no attention mask, and the segment table."""
-    batch = {key: torch.cat([r[key] for r in rows], 1) for key in PAD_VALUES if key in rows[0] and key != "attention_mask"}
-    if "labels" in batch:  # an example's last position must not learn the next example's first token
-        starts = np.cumsum([0] + [r["input_ids"].shape[1] for r in rows[:-1]])
-        batch["labels"] = batch["labels"].clone()
-        batch["labels"][0, starts] = IGNORE_INDEX
-    for key in _image_keys(rows):
-        have = [r[key] for r in rows if key in r]
-        batch[key] = torch.cat(have, 1 if images_per_row else 0)
-    batch[SEGMENTS] = torch.tensor([[r["input_ids"].shape[1], _count(r, "image_grid_thw"), _count(r, "video_grid_thw")]
-                                    for r in rows])
+def pack_rows(rows: list[dict], images_per_row: bool, budget: int | None = None, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """The examples end to end in packed rows of at most `budget` tokens each (None: one row; an example longer
+    than the budget gets a row of its own), in order; rows padded to the longest (the padding is a segment of
+    its own: it attends only to itself and carries no label). No attention mask; batch[SEGMENTS] holds one line
+    per example: row, tokens, images, videos."""
+    bins: list[list[int]] = [[]]
+    used = 0
+    for i, r in enumerate(rows):
+        n = r["input_ids"].shape[1]
+        if budget is not None and bins[-1] and used + n > budget:
+            bins.append([])
+            used = 0
+        bins[-1].append(i)
+        used += n
+    packed = []
+    for members in bins:
+        part = [rows[i] for i in members]
+        row = {key: torch.cat([r[key] for r in part], 1) for key in PAD_VALUES if key in part[0] and key != "attention_mask"}
+        if "labels" in row:  # an example's last position must not learn the next example's first token
+            starts = np.cumsum([0] + [r["input_ids"].shape[1] for r in part[:-1]])
+            row["labels"] = row["labels"].clone()
+            row["labels"][0, starts] = IGNORE_INDEX
+        for key in _image_keys(part):
+            row[key] = torch.cat([r[key] for r in part if key in r], 1 if images_per_row else 0)
+        packed.append(row)
+    batch = pad_rows(packed, images_per_row, pad_id) if len(packed) > 1 else packed[0]
+    batch[SEGMENTS] = torch.tensor([[b, rows[i]["input_ids"].shape[1], _count(rows[i], "image_grid_thw"),
+                                     _count(rows[i], "video_grid_thw")] for b, members in enumerate(bins) for i in members])
     return batch
 
 

@@ -75,6 +75,7 @@ class PlanInputs:
     kbit_upcast: bool = True  # prepare_model_for_kbit_training casts non-quantized params to fp32
     dpo_reference: bool = False  # full-tuning DPO keeps a frozen reference copy of the weights
     packing: bool = False  # train.packing: the batch as one row of batch x seq tokens with a block-diagonal mask
+    pack_tokens: int | None = None  # train.pack_tokens: at most this many tokens per packed row
 
 
 @dataclass
@@ -295,14 +296,16 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
     lang, lang_work = tower("language", shape.text_layers, lang_mode, b * seq, "language" in inp.checkpointing)
     final = 4 * shape.hidden + ((sb * 2) * shape.hidden if lang_mode == "full" else 0)  # final norm (+ lm_head input)
     lang += final * b * seq
-    if inp.packing and b > 1:
+    per_row = min(b, max(1, inp.pack_tokens // seq)) if inp.pack_tokens else b  # examples in one packed row
+    if inp.packing and per_row > 1:
         if shape.family is not None and shape.family.packing:
-            # transformers' packed mask: one [1, 1, T, T] bool tensor per forward, kept for the backward of every
+            # transformers' packed mask: one [rows, 1, T, T] bool tensor per forward, kept for the backward of every
             # layer (sdpa; flash-attention's varlen path has none). Examples are planned at equal length, so the
             # padding that packing removes from mixed-length batches is not in the plan either way.
-            mask_bytes = float((b * seq) ** 2)
+            rows = -(-b // per_row)
+            mask_bytes = float(rows * (per_row * seq) ** 2)
             lang += mask_bytes
-            notes.append(f"packing: one row of {b} x {seq} tokens, block-diagonal mask {mask_bytes / 2**20:.0f} MiB")
+            notes.append(f"packing: {rows} row(s) of {per_row} x {seq} tokens, block-diagonal mask {mask_bytes / 2**20:.0f} MiB")
         else:
             notes.append("packing: not for this family (padded batches, as planned)")
     vis, vis_work = tower("vision", shape.vision_layers, modes["vision"], b * positions, "vision" in inp.checkpointing)
@@ -437,7 +440,7 @@ def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] |
         max_soft_tokens=m.max_soft_tokens, checkpointing=tuple(t.gradient_checkpointing), optim=t.optim,
         lora_r=lo.r, lora_targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
         lora_scope=tuple(lo.scope), lora_train_fully=tuple(lo.train_fully), lora_dropout=lo.dropout,
-        dpo_reference=dpo_ref, packing=t.packing,
+        dpo_reference=dpo_ref, packing=t.packing, pack_tokens=t.pack_tokens,
     )  # fmt: skip
 
 

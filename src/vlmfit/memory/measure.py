@@ -155,9 +155,9 @@ def predict_for_batch(cfg, batch: dict, config, device: str, shape=None):
     shape = shape or model_shape(config, cfg.model.name)
     ids = batch["input_ids"]
     b, seq = ids.shape
-    if SEGMENTS in batch:  # a packed row: its examples, at their mean length
+    if SEGMENTS in batch:  # packed rows: their examples, at their mean length
         b = len(batch[SEGMENTS])
-        seq = ids.shape[1] // b
+        seq = int(batch[SEGMENTS][:, 1].sum()) // b
     media_ids = [getattr(config, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")]
     media = sum(int((ids == t).sum()) for t in set(media_ids) if isinstance(t, int)) // b
     ref = image_cost(config, shape.family, 1024, 1024, model=cfg.model.name)
@@ -191,7 +191,7 @@ def measure_recipe(cfg, steps: int = 3, shape=None):
     collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
     examples = [train_ds[i] for i in range(min(cfg.train.batch_size, len(train_ds)))]
     packed = cfg.train.packing and packing_refusal(loaded.family) is None
-    batch = RowCollator(collator, pack=True)(examples) if packed else collator(examples)
+    batch = RowCollator(collator, pack=True, pack_tokens=cfg.train.pack_tokens)(examples) if packed else collator(examples)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     plan_batch = batch
     if packed:

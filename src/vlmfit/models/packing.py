@@ -12,7 +12,7 @@ import torch
 from vlmfit.errors import UserError
 from vlmfit.models.families import Family
 
-SEGMENTS = "vlmfit_segments"  # batch key, [examples, 3]: tokens, images, videos of each packed example, in order
+SEGMENTS = "vlmfit_segments"  # batch key, [examples, 4]: row, tokens, images, videos of each packed example, in order
 
 
 def packing_refusal(family: Family) -> str | None:
@@ -32,25 +32,37 @@ def _rope_index_owner(model):
 
 @torch.no_grad()
 def packed_position_ids(model, batch: dict, family: Family) -> torch.Tensor:
-    """Position ids of a packed batch (batch[SEGMENTS] says where each example starts and how many images and
-    videos it has): [1, tokens] aranges per example, or for "mrope" [4, 1, tokens] (text row + the model's 3-D)."""
-    segments = batch[SEGMENTS].tolist()
+    """Position ids of a packed batch (batch[SEGMENTS] says which row each example is in, its tokens, images and
+    videos): per row, an arange per example and one for the row's padding tail (a sequence of its own);
+    [rows, tokens], or for "mrope" [4, rows, tokens] (text row + the model's 3-D)."""
     ids = batch["input_ids"]
-    if family.packing == "positions":
-        return torch.cat([torch.arange(n, device=ids.device) for n, _, _ in segments])[None]
-    owner = _rope_index_owner(model)
-    parts, start, img, vid = [], 0, 0, 0
-    for n, n_img, n_vid in segments:
-        kwargs = {"mm_token_type_ids": batch["mm_token_type_ids"][:, start:start + n]}
-        if n_img:
-            kwargs["image_grid_thw"] = batch["image_grid_thw"][img:img + n_img]
-        if n_vid:
-            kwargs["video_grid_thw"] = batch["video_grid_thw"][vid:vid + n_vid]
-        ones = torch.ones((1, n), dtype=torch.long, device=ids.device)
-        rope, _ = owner.get_rope_index(ids[:, start:start + n], attention_mask=ones, **kwargs)
-        parts.append(torch.cat([torch.arange(n, device=ids.device).view(1, 1, n), rope.to(ids.device)], 0))
-        start, img, vid = start + n, img + n_img, vid + n_vid
-    return torch.cat(parts, -1)
+    rows, width = ids.shape
+    mrope = family.packing == "mrope"
+    owner = _rope_index_owner(model) if mrope else None
+    per_row: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    used = [0] * rows
+    img = vid = 0
+    for r, n, n_img, n_vid in batch[SEGMENTS].tolist():
+        start = used[r]
+        text = torch.arange(n, device=ids.device)
+        if mrope:
+            kwargs = {"mm_token_type_ids": batch["mm_token_type_ids"][r:r + 1, start:start + n]}
+            if n_img:
+                kwargs["image_grid_thw"] = batch["image_grid_thw"][img:img + n_img]
+            if n_vid:
+                kwargs["video_grid_thw"] = batch["video_grid_thw"][vid:vid + n_vid]
+            ones = torch.ones((1, n), dtype=torch.long, device=ids.device)
+            rope, _ = owner.get_rope_index(ids[r:r + 1, start:start + n], attention_mask=ones, **kwargs)
+            per_row[r].append(torch.cat([text.view(1, 1, n), rope.to(ids.device)], 0))
+        else:
+            per_row[r].append(text.view(1, n))
+        used[r], img, vid = start + n, img + n_img, vid + n_vid
+    out = []
+    for r in range(rows):
+        tail = torch.arange(width - used[r], device=ids.device)
+        tail = tail.view(1, 1, -1).expand(4, 1, -1) if mrope else tail.view(1, -1)
+        out.append(torch.cat(per_row[r] + [tail], -1))
+    return torch.cat(out, -2)
 
 
 def unpack_inputs(model, batch: dict, family: Family) -> dict:

@@ -120,7 +120,7 @@ def train_collator(chat: VisionChatCollator, cfg: RunConfig, console: Console):
     cache = EncodedCache(cache_home() / "encoded", processor_fingerprint(chat)) if cfg.train.processor_cache else None
     if pack:
         console.print("packing: each step's examples in one padding-free row, positions per example")
-    return RowCollator(chat, cache, pack)
+    return RowCollator(chat, cache, pack, cfg.train.pack_tokens)
 
 
 def save_weights(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:
