@@ -167,6 +167,9 @@ class TrainConfig(_Section):
     processor_cache: bool = Field(True, description="keep each example's processor output and labels on disk "
                                   "($VLMFIT_CACHE/encoded, keyed by processor, settings and content) and reuse it "
                                   "across epochs and runs")
+    cache_image_features: bool = Field(True, description="when the vision tower and projector are frozen, compute each "
+                                       "image's features once and reuse them (in memory, up to feature_cache_gib)")
+    feature_cache_gib: float = Field(4.0, ge=0, description="host memory for reused image features")
     save_steps: int = Field(200, ge=1, description="write a resumable checkpoint every this many optimizer steps (and "
                             "at the end): weights, optimizer, scheduler, RNG states, data position")
     save_total_limit: int = Field(2, ge=1, description="keep this many most recent checkpoints")

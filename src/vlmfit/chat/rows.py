@@ -20,6 +20,7 @@ import vlmfit
 from vlmfit.chat import collate, schema
 from vlmfit.chat.collate import ROW, VisionChatCollator
 from vlmfit.models.loss import IGNORE_INDEX
+from vlmfit.models.features import IMAGE_KEYS
 from vlmfit.models.packing import SEGMENTS
 
 ROWS_FORMAT = 2  # bump when what an encoded row holds changes: old cache entries are then never read
@@ -123,8 +124,9 @@ class RowCollator:
     each example starts)."""
 
     def __init__(self, chat: VisionChatCollator, cache: EncodedCache | None = None, pack: bool = False,
-                 pack_tokens: int | None = None):
+                 pack_tokens: int | None = None, image_keys: bool = False):
         self.chat, self.cache, self.pack, self.pack_tokens = chat, cache, pack, pack_tokens
+        self.image_keys = image_keys  # name each image in the batch (batch[IMAGE_KEYS]) for models/features.py
         self.family = chat.family
 
     def encode_one(self, example: dict) -> dict:
@@ -159,6 +161,8 @@ class RowCollator:
                  else pad_rows(rows, self.family.images_per_row, pad_id))
         if all(ROW in ex for ex in examples):
             batch[ROW] = torch.tensor([ex[ROW] for ex in examples])
+        if self.image_keys:
+            batch[IMAGE_KEYS] = [f"{example_key(ex)}:{i}" for ex in examples for i in range(len(ex.get("images") or []))]
         return batch
 
     def measure(self, examples: list[dict], batch_size: int = 32) -> list[dict]:

@@ -123,6 +123,10 @@ class Family:
     packing_note: str = ""
     # The pixel tensors carry a batch dimension before the images (Idefics3: [batch, images, C, H, W]).
     images_per_row: bool = False
+    # Frozen-tower image features can be handed back through `mm_encoder_outputs` (models/features.py): set only
+    # where tests/test_features.py shows the same loss and gradients. Not Qwen3-VL (its deepstack features are
+    # not in that input), SmolVLM (features per tile, not per image) or Gemma 4 (not verified).
+    feature_cache: bool = False
 
 
 _QWEN = dict(
@@ -140,6 +144,7 @@ _QWEN = dict(
     image_features=_qwen_features,
     packing="mrope",
 )
+_QWEN_FEATURES = dict(_QWEN, feature_cache=True)
 # Qwen2/2.5-VL: one LLM token per 28x28 px after smart_resize, the encoder sees 4x that (2x2 merge);
 # hub preprocessor_config: min_pixels 3136, max_pixels 12845056; video frames capped at 768 tokens.
 _QWEN2_RULE = ImageRule("dynamic", 3136, 12845056, 768 * 28 * 28, note="1 token / 28x28 px; encoder 4x")
@@ -147,8 +152,8 @@ _QWEN2_RULE = ImageRule("dynamic", 3136, 12845056, 768 * 28 * 28, note="1 token 
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        Family("qwen2_vl", ("qwen2_vl",), ("Qwen2VLProcessor",), **_QWEN, image_rule=_QWEN2_RULE),
-        Family("qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLProcessor",), **_QWEN, image_rule=_QWEN2_RULE),
+        Family("qwen2_vl", ("qwen2_vl",), ("Qwen2VLProcessor",), **_QWEN_FEATURES, image_rule=_QWEN2_RULE),
+        Family("qwen2_5_vl", ("qwen2_5_vl",), ("Qwen2_5_VLProcessor",), **_QWEN_FEATURES, image_rule=_QWEN2_RULE),
         # Qwen3-VL: patch 16, merge 2 -> one token per 32x32 px; size.shortest_edge 65536, longest_edge 16777216.
         Family("qwen3_vl", ("qwen3_vl",), ("Qwen3VLProcessor",), **_QWEN,
                image_rule=ImageRule("dynamic", 65536, 16777216, 768 * 32 * 32, note="1 token / 32x32 px; encoder 4x")),
@@ -184,6 +189,7 @@ FAMILIES: dict[str, Family] = {
             # Every image is resized to 896x896 (4096 patches of 14 px), pooled to mm_tokens_per_image (256).
             image_rule=ImageRule("fixed", tokens_key="mm_tokens_per_image", note="fixed 256 tokens; encoder 4096 patches at 896 px"),
             image_features=_fixed_per_image(lambda c: c.mm_tokens_per_image),
+            feature_cache=True,
             packing_note="packed examples score differently from the same examples alone (transformers 5.24; "
             "its image tokens attend bidirectionally, a mask the packed path does not reproduce exactly)",
         ),
@@ -228,6 +234,7 @@ FAMILIES: dict[str, Family] = {
             image_rule=ImageRule("fixed", cls_position=True, note="CLIP 336 px: 576 tokens (+CLS in the encoder)"),
             image_features=_fixed_per_image(_llava_per_image),
             packing="positions",
+            feature_cache=True,
         ),
         Family(
             "paligemma",
@@ -246,6 +253,7 @@ FAMILIES: dict[str, Family] = {
             image_features=_fixed_per_image(lambda c: (c.vision_config.image_size // c.vision_config.patch_size) ** 2),
             advice=("PaliGemma is a single-turn prefix-LM: one question, one answer per example.",),
             packing="positions",
+            feature_cache=True,
         ),
     ]
 }

@@ -18,6 +18,7 @@ from vlmfit.chat.rows import EncodedCache, RowCollator, processor_fingerprint
 from vlmfit.config import RunConfig
 from vlmfit.data.splits import load_splits, require_chat
 from vlmfit.evaluate.classification import evaluate_task
+from vlmfit.models.features import FeatureCache, feature_cache_refusal
 from vlmfit.models.load import Loaded, check_model, load
 from vlmfit.models.packing import packing_refusal
 from vlmfit.models.targets import enable_checkpointing, make_trainable
@@ -58,7 +59,9 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         report_targets(resolved, console, run)
     source_rows = train_ds["source_row"] if "source_row" in train_ds.column_names else None
     guard = DivergenceGuard(cfg, run, source_rows)
-    trainer = make_trainer(model, loaded, train_collator(collator, cfg, console), train_ds, cfg, run, guard)
+    features = image_feature_cache(model, loaded.family, cfg, console)
+    trainer = make_trainer(model, loaded, train_collator(collator, cfg, console, image_keys=features is not None), train_ds,
+                           cfg, run, guard, features)
     profiler = None
     if profile:
         from vlmfit.train.profile import StepProfiler
@@ -91,12 +94,13 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     return run.path
 
 
-def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir, guard: DivergenceGuard | None = None):
+def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir, guard: DivergenceGuard | None = None,
+                 features: FeatureCache | None = None):
     from trl import SFTConfig, SFTTrainer
 
     guard = guard or DivergenceGuard(cfg, run)
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
-    trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss, family=loaded.family)(
+    trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss, family=loaded.family, features=features)(
         model=model,
         args=SFTConfig(**trainer_arguments(cfg, run)),
         train_dataset=train_ds,
@@ -108,19 +112,32 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
     return trainer
 
 
-def train_collator(chat: VisionChatCollator, cfg: RunConfig, console: Console):
+def image_feature_cache(model, family, cfg: RunConfig, console: Console) -> FeatureCache | None:
+    """A cache of image features when the recipe allows it and the towers it reads are frozen, else None."""
+    if not cfg.train.cache_image_features:
+        return None
+    why = feature_cache_refusal(model, family)
+    if why:
+        console.print(f"image features: computed every step ({why})")
+        return None
+    console.print(f"image features: computed once per image and reused (vision tower and projector frozen; "
+                  f"up to {cfg.train.feature_cache_gib:g} GiB)")
+    return FeatureCache(int(cfg.train.feature_cache_gib * 2**30))
+
+
+def train_collator(chat: VisionChatCollator, cfg: RunConfig, console: Console, image_keys: bool = False):
     """What batches the training steps: per-example encodings (cached, packed) unless both are off, then the plain
     batch collator (the processor's own batch call, as plain TRL's collators make it)."""
     pack = cfg.train.packing
     if pack and (why := packing_refusal(chat.family)):
         console.print(f"[yellow]train.packing: {why}; training on padded batches instead[/]")
         pack = False
-    if not pack and not cfg.train.processor_cache:
+    if not pack and not cfg.train.processor_cache and not image_keys:
         return chat
     cache = EncodedCache(cache_home() / "encoded", processor_fingerprint(chat)) if cfg.train.processor_cache else None
     if pack:
         console.print("packing: each step's examples in one padding-free row, positions per example")
-    return RowCollator(chat, cache, pack, cfg.train.pack_tokens)
+    return RowCollator(chat, cache, pack, cfg.train.pack_tokens, image_keys)
 
 
 def save_weights(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:

@@ -18,6 +18,7 @@ from vlmfit.chat.collate import ROW
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
 from vlmfit.models.families import Family
+from vlmfit.models.features import IMAGE_KEYS, FeatureCache
 from vlmfit.models.loss import causal_lm_loss
 from vlmfit.models.packing import unpack_inputs
 from vlmfit.rundir import ENVIRONMENT, LORA_TARGETS, SUMMARY, RunDir, environment
@@ -81,7 +82,8 @@ def with_row_ids(ds):
     return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(len(ds))))
 
 
-def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False, family: Family | None = None):
+def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False, family: Family | None = None,
+                   features: FeatureCache | None = None):
     """`trainer_class` (TRL's SFTTrainer or DPOTrainer) as vlmfit runs it:
     - with `lean_loss`, the loss is models.loss.causal_lm_loss: the LM head only at the labelled positions, never
       full logits. Trainer.compute_loss is the documented place to change the loss; the normalisation follows the
@@ -89,6 +91,7 @@ def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = Fa
       which the Trainer then divides by the accumulation steps). Without it, the trainer's own loss, unchanged.
     - the batch rows (ROW, put there by the collators) are taken out before the model sees the batch, for the guard;
     - a packed batch (chat/rows.py) gets its examples' own position ids here, where the model is (`family`'s rule);
+    - with `features`, images seen before get their features from that cache instead of the vision tower;
     - every optimizer step's gradient norm (before clipping: the value the Trainer logs) goes through the guard,
       which can drop the step's gradients (the optimizer then skips every parameter) or stop the run."""
 
@@ -99,6 +102,9 @@ def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = Fa
                 guard.rows.extend(rows.tolist())
             if family is not None:
                 inputs = unpack_inputs(model, inputs, family)
+            if features is not None:
+                inputs = features.inputs(model, inputs)
+            inputs.pop(IMAGE_KEYS, None)
             if not lean_loss:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
             loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
