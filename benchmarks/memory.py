@@ -122,7 +122,7 @@ def batch_for(path: Path, family: str):
     return dict(enc)
 
 
-def run_one(family: str, method: str, ckpt: bool, answer_only: bool = False, lean: bool = True) -> dict:
+def run_one(family: str, method: str, ckpt: bool, answer_only: bool = False, lean: bool = True, packing: bool = False) -> dict:
     """Child process: load and prepare the model exactly as `vlmfit train` does (vlmfit.models.load.load,
     vlmfit.models.targets.make_trainable / enable_checkpointing, the optimizer HF builds for train.optim), measure 2 steps,
     and ask the planner for the same batch."""
@@ -151,21 +151,30 @@ def run_one(family: str, method: str, ckpt: bool, answer_only: bool = False, lea
     model, _ = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
     enable_checkpointing(model, loaded.family, list(cfg.train.gradient_checkpointing))
     opt = make_optimizer(model, "adamw")
+    plan_batch = batch
+    if packing:  # the same examples end to end in one row, as train.packing builds it (chat/rows.py)
+        from vlmfit.chat.rows import pack_rows, split_batch
+        from vlmfit.models.packing import unpack_inputs
+
+        rows = split_batch(batch, [1] * BATCH, [[]] * BATCH, loaded.family.images_per_row)
+        plan_batch = pack_rows(rows, loaded.family.images_per_row)
+        batch = unpack_inputs(model, plan_batch, loaded.family)
     t0 = time.perf_counter()
     m = measure_steps(model, batch, opt, steps=2, lean=lean)
     seconds = time.perf_counter() - t0
 
     shape = model_shape(AutoConfig.from_pretrained(path))
-    image_tokens = int((batch["input_ids"][0] == shape.config.image_token_id).sum())
-    seq = batch["input_ids"].shape[1]
+    image_tokens = int((plan_batch["input_ids"][0] == shape.config.image_token_id).sum()) // (BATCH if packing else 1)
+    seq = plan_batch["input_ids"].shape[1] // (BATCH if packing else 1)
     lo_hi = SCALES[family].get("pixels", (None, None))
     inp = PlanInputs(method=method, weight_dtype="float32", precision="fp32", device="cpu", batch_size=BATCH,
                      text_tokens=seq - image_tokens, image_hw=SCALES[family]["image"], min_pixels=lo_hi[0],
                      max_pixels=lo_hi[1], checkpointing=("language",) if ckpt else (), lora_r=16, lora_dropout=0.05,
                      label_tokens=int((batch["labels"][:, 1:] != -100).sum()) // BATCH,  # lean loss: what carries a label
-                     lean_loss=lean)
+                     lean_loss=lean, packing=packing)
     bd = estimate(shape, inp, family)
     return {"family": family, "method": method, "checkpointing": ckpt, "params": shape.total_params, "lean": lean,
+            "packing": packing, "losses": m.losses,
             "labelled": int((batch["labels"][:, 1:] != -100).sum()) // BATCH,
             "seq": seq, "image_tokens": image_tokens, "planned_image_tokens": bd.tokens["image_tokens"],
             "measured": m.as_dict(), "predicted_peak": bd.peak, "predicted": bd.components,
@@ -212,6 +221,19 @@ def part_d() -> list[str]:
         rows.append(f"| {fam} | {method} | {lean['labelled']} / {lean['seq']} | {mib(full, 'measured'):.0f} MiB "
                     f"({mib(full, 'predicted_peak'):.0f}) | {mib(lean, 'measured'):.0f} MiB ({mib(lean, 'predicted_peak'):.0f}) | "
                     f"{lean['measured']['peak'] / full['measured']['peak']:.2f}x |")
+    return rows
+
+
+def part_e() -> list[str]:
+    """Padded vs packed (train.packing), the part (b) batch, each in a fresh process: measured and predicted."""
+    rows = ["| family | method | padded: measured (predicted) | packed: measured (predicted) | packed / padded | "
+            "planner error, packed |", "|---|---|---:|---:|---:|---:|"]
+    for fam, method in (("qwen2_5_vl", "lora"), ("smolvlm", "lora"), ("qwen2_5_vl", "full")):
+        padded, packed = (_child(fam, method, False, False, True, flag) for flag in (False, True))
+        mib = lambda r: (r["measured"]["peak"] / 2**20, r["predicted_peak"] / 2**20)  # noqa: E731
+        (a, pa), (b, pb) = mib(padded), mib(packed)
+        rows.append(f"| {fam} | {method} | {a:.0f} MiB ({pa:.0f}) | {b:.0f} MiB ({pb:.0f}) | {b / a:.3f}x | "
+                    f"{100 * (pb - b) / b:+.1f}% |")
     return rows
 
 
@@ -282,7 +304,7 @@ def part_c() -> list[str]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["a", "b", "c", "d"])
+    ap.add_argument("--only", choices=["a", "b", "c", "d", "e"])
     ap.add_argument("--child")
     ap.add_argument("--json", type=Path, help="write the raw part (b) results here")
     a = ap.parse_args()
@@ -302,6 +324,8 @@ def main():
         out += ["### (c) Predicted vs published GPU measurements", ""] + part_c() + [""]
     if a.only in (None, "d"):
         out += ["### (d) Lean loss vs full logits (CPU, fp32, 2 steps, batch 2, labels on the reply only)", ""] + part_d() + [""]
+    if a.only in (None, "e"):
+        out += ["### (e) Padded vs packed batches (CPU, fp32, 2 steps, batch 2)", ""] + part_e() + [""]
     print("\n".join(out))
     print(f"({time.time() - t0:.0f} s)", file=sys.stderr)
 

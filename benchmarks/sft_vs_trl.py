@@ -18,9 +18,13 @@ the same evaluator (vlmfit's constrained classification on held-out digits).
 Families:
   qwen-mixed   Qwen2-VL (dynamic resolution, ~20M parameters), digits resized to 28-112 px: token counts vary
   gemma-262k   Gemma 3 with the real 262,144-token vocabulary (~35M parameters, embedding and head full size)
+  demo         the demo (recipes/demo.yaml: tiny Qwen2-VL from scratch, full fine-tuning, 10 epochs of builtin:mnist):
+               a model that learns, for test accuracy after the same epochs (--steps and --batch are ignored)
 
     python benchmarks/sft_vs_trl.py --family qwen-mixed --steps 40 --batch 8 --repeats 3
     python benchmarks/sft_vs_trl.py --family gemma-262k --steps 15 --batch 4 --repeats 3
+    python benchmarks/sft_vs_trl.py --family demo --repeats 1 --systems trl,vlmfit
+    python benchmarks/sft_vs_trl.py --family qwen-mixed --system vlmfit-packed-warm --out /tmp/x --profile   # one run
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ def bench_model(family: str) -> Path:
     from vlmfit.models.tiny import tiny_path
     from vlmfit.models.tiny.corpus import cache_root
 
+    if family == "demo":
+        return tiny_path("qwen2_vl")
     base = "qwen2_vl" if family == "qwen-mixed" else "gemma3"
     out = cache_root(None) / f"bench-{family}"
     if (out / "model.safetensors").is_file():
@@ -74,7 +80,8 @@ def bench_model(family: str) -> Path:
 def dataset(family: str, n: int, split: str):
     from vlmfit.data.builtin import load_builtin
 
-    ds = load_builtin("mnist")[split].select(range(n))
+    ds = load_builtin("mnist")[split]
+    ds = ds.select(range(min(n, len(ds))))
     if family != "qwen-mixed":
         return ds
 
@@ -134,13 +141,21 @@ def child(args) -> None:
     torch.manual_seed(0)
     name = str(bench_model(args.family))
     tmp = Path(args.out)
-    cfg = load_config(base={"model": {"name": name}}, overrides=[
-        "method=lora", f"train.batch_size={args.batch}", f"train.max_steps={args.steps}", "train.lr=2e-3",
-        "train.warmup_ratio=0", "train.logging_steps=1", f"train.save_steps={10 * args.steps}", "lora.r=16",
-        f"output.dir={tmp}", "output.name=run", "model.dtype=float32"])
+    if args.family == "demo":  # the demo recipe as it ships, full fine-tuning
+        import vlmfit
+
+        cfg = load_config(Path(vlmfit.__file__).parent / "recipes" / "demo.yaml", overrides=[f"output.dir={tmp}", "output.name=run", "model.dtype=float32",
+                                                          "train.save_steps=100000", "train.logging_steps=50"])
+        n_train, n_test = 10**9, 1000
+    else:
+        cfg = load_config(base={"model": {"name": name}}, overrides=[
+            "method=lora", f"train.batch_size={args.batch}", f"train.max_steps={args.steps}", "train.lr=2e-3",
+            "train.warmup_ratio=0", "train.logging_steps=1", f"train.save_steps={10 * args.steps}", "lora.r=16",
+            f"output.dir={tmp}", "output.name=run", "model.dtype=float32"])
+        n_train, n_test = args.steps * args.batch, 200
     loaded = load(name, "float32", None, cfg.model)
-    train = dataset(args.family, args.steps * args.batch, "train")
-    test = dataset(args.family, 200, "test")
+    train = dataset(args.family, n_train, "train")
+    test = dataset(args.family, n_test, "test")
     labels = list(DIGIT_WORDS)
     resolved = resolve_for(loaded.model, loaded.family, cfg.lora)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -155,7 +170,7 @@ def child(args) -> None:
 
         if "packed" in args.system:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": True})})
-        model, _ = make_trainable(loaded.model, loaded.family, "lora", cfg.lora)
+        model, _ = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
         collator = train_collator(VisionChatCollator(loaded.processor, loaded.family), cfg, Console(quiet=True))
         if args.system.endswith("-warm"):
             for i in range(0, len(train), args.batch):
@@ -167,12 +182,25 @@ def child(args) -> None:
         targs = trainer_arguments(cfg, run)
         targs.update(save_strategy="no", remove_unused_columns=True)  # TRL's own defaults for what vlmfit changes
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=resolved.modules)
-        model = get_peft_model(loaded.model, lora)
+        model = get_peft_model(loaded.model, lora) if cfg.method == "lora" else loaded.model
         trainer = SFTTrainer(model=model, args=SFTConfig(**targs), train_dataset=train.remove_columns("label"),
                              processing_class=loaded.processor)
         trainer.data_collator = clock.counting(trainer.data_collator)
     trainer.add_callback(clock.callback)
+    profiler = None
+    if args.profile:
+        from vlmfit.train.profile import StepProfiler
+
+        profiler = StepProfiler(run)
+        profiler.attach(trainer.model, loaded.family)
+        trainer.add_callback(profiler)
     trainer.train()
+    if profiler is not None:
+        from rich.console import Console
+
+        from vlmfit.train.profile import profile_table
+
+        Console(stderr=True).print(profile_table(profiler.summary()))
     rss_trained = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = clock.t1 - clock.t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -183,17 +211,18 @@ def child(args) -> None:
         "tokens_per_s": clock.tokens / seconds, "trained_tokens_per_s": clock.trained / seconds,
         "trained_token_share": clock.trained / max(clock.tokens, 1), "peak_rss_mib": rss_trained / 1024,
         "rss_after_load_mib": rss_loaded / 1024, "final_loss": losses[-1], "accuracy": acc,
-        "params": sum(p.numel() for p in model.parameters())}))
+        "params": sum(p.numel() for p in model.parameters()), "test_examples": len(test)}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--family", choices=["qwen-mixed", "gemma-262k"], default="qwen-mixed")
+    ap.add_argument("--family", choices=["qwen-mixed", "gemma-262k", "demo"], default="qwen-mixed")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--system", choices=list(SYSTEMS))
     ap.add_argument("--out")
+    ap.add_argument("--profile", action="store_true", help="with --system: where that run's steps go, on stderr")
     ap.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated, from " + ", ".join(SYSTEMS))
     args = ap.parse_args()
     if args.system:
@@ -225,14 +254,16 @@ def main() -> None:
                 results[system].append(json.loads(line[7:]))
                 print(f"  repeat {r + 1} {system}: {results[system][-1]['seconds']:.1f} s", file=sys.stderr)
     med = {s: {k: statistics.median(x[k] for x in rs) for k in rs[0] if k != "system"} for s, rs in results.items()}
-    print(f"\n{args.family}: {args.steps} steps x batch {args.batch}, LoRA r=16 on the language model, AdamW, "
+    what = ("the demo recipe (full fine-tuning, 10 epochs x 4,000 digits, batch 32)" if args.family == "demo" else
+            f"{args.steps} steps x batch {args.batch}, LoRA r=16 on the language model")
+    print(f"\n{args.family}: {what}, AdamW, "
           f"median of {args.repeats} runs each\n")
     print("| | plain TRL | " + " | ".join(systems[1:]) + " | " + " | ".join(f"{s} / TRL" for s in systems[1:]) + " |")
     print("|---" * (2 * len(systems)) + "|")
     rows = [("samples/s", "samples_per_s", "{:.2f}"), ("input tokens/s", "tokens_per_s", "{:.0f}"),
             ("trained tokens/s", "trained_tokens_per_s", "{:.0f}"), ("share of tokens trained", "trained_token_share", "{:.2f}"),
             ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"), ("RSS after loading (MiB)", "rss_after_load_mib", "{:.0f}"),
-            ("final loss", "final_loss", "{:.3f}"), ("test accuracy (200 digits)", "accuracy", "{:.3f}")]
+            ("final loss", "final_loss", "{:.3f}"), (f"test accuracy ({med['trl']['test_examples']:.0f} digits)", "accuracy", "{:.3f}")]
     for label, key, fmt in rows:
         t, vs = med["trl"][key], [med[s][key] for s in systems[1:]]
         ratios = [f"{v / t:.2f}x" if t else "-" for v in vs]
