@@ -135,3 +135,16 @@ def test_features_not_one_per_image_are_used_once_and_the_cache_stops():
     assert cache.off and not cache.features and "mm_encoder_outputs" in inputs
     assert torch.allclose(causal_lm_loss(model, inputs), causal_lm_loss(model, plain), rtol=1e-6)
     assert "pixel_values" in cache.inputs(model, dict(batch))  # off: the model encodes its images itself
+
+
+def test_the_plan_says_when_image_features_are_reused():
+    from vlmfit.memory.catalog import load_model_config
+    from vlmfit.memory.plan import plan_memory
+    from vlmfit.memory.shape import model_shape
+
+    shape = model_shape(load_model_config("Qwen/Qwen2.5-VL-3B-Instruct"))
+    notes = {}
+    for sets in ([], ["lora.scope=[language,vision]"], ["train.cache_image_features=false"]):
+        cfg = load_config(base={"model": {"name": "Qwen/Qwen2.5-VL-3B-Instruct"}}, overrides=sets)
+        notes[tuple(sets)] = any("image features reused" in n for n in plan_memory(cfg, shape=shape).notes)
+    assert notes == {(): True, ("lora.scope=[language,vision]",): False, ("train.cache_image_features=false",): False}

@@ -76,6 +76,8 @@ class PlanInputs:
     dpo_reference: bool = False  # full-tuning DPO keeps a frozen reference copy of the weights
     packing: bool = False  # train.packing: the batch as one row of batch x seq tokens with a block-diagonal mask
     pack_tokens: int | None = None  # train.pack_tokens: at most this many tokens per packed row
+    reuse_features: bool = False  # train.cache_image_features: a frozen tower's image features kept in host memory
+    feature_cache_gib: float = 4.0
 
 
 @dataclass
@@ -305,7 +307,8 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
             rows = -(-b // per_row)
             mask_bytes = float(rows * (per_row * seq) ** 2)
             lang += mask_bytes
-            notes.append(f"packing: {rows} row(s) of {per_row} x {seq} tokens, block-diagonal mask {mask_bytes / 2**20:.0f} MiB")
+            notes.append(f"packing: {rows} row(s) of {per_row} x {seq} tokens, block-diagonal mask {mask_bytes / 2**20:.0f} MiB"
+                         + ("" if inp.pack_tokens else " (train.pack_tokens caps a row, and the mask with it)"))
         else:
             notes.append("packing: not for this family (padded batches, as planned)")
     vis, vis_work = tower("vision", shape.vision_layers, modes["vision"], b * positions, "vision" in inp.checkpointing)
@@ -341,6 +344,12 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
     if modes["vision"] == "through" and vis > 0.1 * peak and "vision" not in inp.checkpointing:
         notes.append("the frozen vision tower keeps its activations (its input requires grad); add vision to "
                      "train.gradient_checkpointing to keep only its block inputs")
+    if (inp.reuse_features and img_tokens and modes["vision"] == "none" and modes["projector"] == "none"
+            and shape.family is not None and shape.family.feature_cache):
+        # Device memory is what the plan shows either way (a frozen tower keeps no activations); the vision forward
+        # itself is skipped for images seen before.
+        notes.append(f"image features reused after an image's first step (vision tower not run): host memory up to "
+                     f"{inp.feature_cache_gib:g} GiB (train.feature_cache_gib)")
     if "language" not in inp.checkpointing and lang > 0.5 * peak:
         notes.append("language activations dominate: gradient checkpointing would cut them to the block inputs")
     return Breakdown(
@@ -441,6 +450,7 @@ def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] |
         lora_r=lo.r, lora_targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
         lora_scope=tuple(lo.scope), lora_train_fully=tuple(lo.train_fully), lora_dropout=lo.dropout,
         dpo_reference=dpo_ref, packing=t.packing, pack_tokens=t.pack_tokens,
+        reuse_features=t.cache_image_features and cfg.method != "dpo", feature_cache_gib=t.feature_cache_gib,
     )  # fmt: skip
 
 
