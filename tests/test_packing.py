@@ -4,6 +4,8 @@ into exactly the processor's own padded batch, the cache is keyed by processor, 
 packed training run logs the losses of the padded one."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -259,10 +261,9 @@ def test_packing_falls_back_for_a_family_it_would_get_wrong_and_is_sft_only(tmp_
 
 def test_plan_and_measurement_account_for_packing():
     """The planner adds the packed row's block-diagonal mask ((batch x seq)^2 bytes) for a family that packs and
-    nothing for one that falls back; `vlmfit plan --measure` measures packed steps, and the plan follows them."""
+    nothing for one that falls back."""
     from vlmfit.config import load_config
     from vlmfit.memory.catalog import load_model_config
-    from vlmfit.memory.measure import measure_recipe
     from vlmfit.memory.plan import plan_memory
     from vlmfit.memory.shape import model_shape
 
@@ -282,11 +283,19 @@ def test_plan_and_measurement_account_for_packing():
     gemma = "google/gemma-3-4b-it"
     assert plan(gemma, "true").peak == plan(gemma, "false").peak
 
+
+
+@pytest.mark.slow
+def test_vlmfit_plan_measure_follows_packed_steps():
+    """`vlmfit plan --measure` (measure_recipe) runs packed steps, and the plan is within 10% of them."""
     measured = {}
-    for packing in ("false", "true"):
-        cfg = load_config(base={"model": {"name": "tiny:qwen2_vl", "dtype": "float32"}, "data": {"source": "builtin:mnist"}},
-                          overrides=["method=lora", "train.batch_size=4", f"train.packing={packing}"])
-        m, predicted = measure_recipe(cfg, steps=2)
-        assert predicted.peak == pytest.approx(m.peak, rel=0.25)  # the tiny model's bound in test_memory.py
-        measured[packing] = m
-    assert measured["true"].losses[0] == pytest.approx(measured["false"].losses[0], rel=1e-5)  # the same examples
+    for packing in ("false", "true"):  # each in a fresh process: tensors a process keeps from earlier work blur 3 MiB
+        code = ("import json; from vlmfit.config import load_config; from vlmfit.memory.measure import measure_recipe; "
+                "cfg = load_config(base={'model': {'name': 'tiny:qwen2_vl', 'dtype': 'float32'}, 'data': {'source': "
+                f"'builtin:mnist'}}}}, overrides=['method=lora', 'train.batch_size=4', 'train.packing={packing}']); "
+                "m, p = measure_recipe(cfg, steps=2); print('RESULT', json.dumps([m.peak, p.peak, m.losses]))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        peak, predicted, losses = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT"))[7:])
+        assert predicted == pytest.approx(peak, rel=0.1), (packing, peak, predicted)
+        measured[packing] = losses
+    assert measured["true"][0] == pytest.approx(measured["false"][0], rel=1e-5)  # the same examples
