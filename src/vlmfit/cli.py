@@ -147,11 +147,12 @@ def export(run_dir: Annotated[Path, typer.Argument(help="a run directory written
 
 @app.command("eval")
 def eval_(target: Annotated[str, typer.Argument(help="a run directory (its trained weights), a recipe (its base model) or a model directory (e.g. exported)")],
-          set: SetOpt = None):
+          set: SetOpt = None,
+          no_cache: Annotated[bool, typer.Option("--no-cache", help="compute again even if this model, data and settings were evaluated before")] = False):
     """Evaluate classification accuracy (constrained and generated) on the test split."""
     from vlmfit.evaluate.eval import evaluate_target
 
-    res, written = evaluate_target(target, set, console)
+    res, written = evaluate_target(target, set, console, use_cache=not no_cache)
     if written:
         console.print(f"written: {written}")
 
