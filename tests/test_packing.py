@@ -23,6 +23,10 @@ from helpers import digit_image, multi_turn_example
 
 PACKED = [f for f in TINY_FAMILIES if FAMILIES[f].packing]
 FAST = ("qwen2_vl", "llava")  # M-RoPE and 1-D positions; the other packed families run in the slow suite
+# One family per tensor layout (Qwen's patches by grid + videos, Gemma 4's per-image patches + video frames,
+# Idefics3's [batch, tiles], PaliGemma's suffix labels) in the fast suite; the other four in the slow one.
+LAYOUTS = ("qwen2_vl", "gemma4", "smolvlm", "paligemma")
+ALL_LAYOUTS = [pytest.param(f, marks=[] if f in LAYOUTS else pytest.mark.slow) for f in TINY_FAMILIES]
 
 
 def _examples(family, digit=0):
@@ -128,7 +132,7 @@ def test_families_not_packed_are_the_ones_that_would_be_packed_wrongly():
     assert any(not torch.allclose(g, w, rtol=1e-5, atol=1e-6) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", ALL_LAYOUTS)
 def test_rows_assemble_into_the_processors_own_padded_batch(family):
     """Cached and uncached batches are equal: per-example encodings, padded, are the processor's batch call."""
     loaded = load(f"tiny:{family}")
@@ -153,7 +157,7 @@ def _video_examples():
     return out
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", ALL_LAYOUTS)
 def test_one_processor_call_splits_into_the_single_example_encodings(family):
     """Cache misses are encoded in one processor call and split (split_batch): each piece equals the example's
     own encoding, images of several sizes and counts per example, and videos where the family takes them."""
