@@ -129,13 +129,13 @@ class RowCollator:
         self.image_keys = image_keys  # name each image in the batch (batch[IMAGE_KEYS]) for models/features.py
         self.family = chat.family
 
-    def encode_one(self, example: dict) -> dict:
-        return self.encode([example])[0]
-
-    def encode(self, examples: list[dict]) -> list[dict]:
+    def encode(self, examples: list[dict], keys: list[str] | None = None) -> list[dict]:
         """Each example's encoding: from the cache, the rest in one processor call (a call costs ~2x more per
-        example when made one example at a time) and split into single-example rows."""
-        keys = [example_key(ex) for ex in examples] if self.cache is not None else [None] * len(examples)
+        example when made one example at a time) and split into single-example rows. `keys`: the examples'
+        example_key values, when the caller has them already."""
+        if self.cache is not None and keys is None:
+            keys = [example_key(ex) for ex in examples]
+        keys = keys if self.cache is not None else [None] * len(examples)
         rows = [self.cache.get(k) if k is not None else None for k in keys]
         missing = [i for i, r in enumerate(rows) if r is None]
         if missing:
@@ -155,18 +155,17 @@ class RowCollator:
         return rows if rows is not None else [self.chat([ex]) for ex in examples]
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rows = self.encode(examples)
+        # each example hashed once, for the processor cache and the image keys alike
+        keys = [example_key(ex) for ex in examples] if self.cache is not None or self.image_keys else None
+        rows = self.encode(examples, keys)
         pad_id = self.chat.processor.tokenizer.pad_token_id
         batch = (pack_rows(rows, self.family.images_per_row, self.pack_tokens, pad_id) if self.pack
                  else pad_rows(rows, self.family.images_per_row, pad_id))
         if all(ROW in ex for ex in examples):
             batch[ROW] = torch.tensor([ex[ROW] for ex in examples])
         if self.image_keys:
-            batch[IMAGE_KEYS] = [f"{example_key(ex)}:{i}" for ex in examples for i in range(len(ex.get("images") or []))]
+            batch[IMAGE_KEYS] = [f"{key}:{i}" for key, ex in zip(keys, examples) for i in range(len(ex.get("images") or []))]
         return batch
-
-    def measure(self, examples: list[dict], batch_size: int = 32) -> list[dict]:
-        return self.chat.measure(examples, batch_size)
 
 
 def _image_keys(rows: list[dict]) -> list[str]:

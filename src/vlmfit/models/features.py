@@ -1,8 +1,8 @@
 """Image features computed once: when the vision tower and the projector are frozen, an image's features (the
 projector's output the language model reads) are the same every epoch, so they are kept (in memory, up to a
 budget) and handed to the model through transformers' `mm_encoder_outputs` input, which skips the vision tower.
-Each image is known by its key (processor fingerprint, example content, index: chat/rows.py puts them in the
-batch), so the features follow the image whatever batch it lands in."""
+Each image is known by its key (its example's content hash and its index there: chat/rows.py puts them in the
+batch), so the features follow the image whatever batch it lands in; one cache serves one run, one processor."""
 
 from __future__ import annotations
 
