@@ -11,6 +11,7 @@ SRC = Path(vlmfit.__file__).parent
 # Layers, top to bottom: a module may import its own package and anything of a lower layer, never a sibling of
 # its own layer or anything above (DESIGN.md, "The map").
 LAYERS = [
+    {"__main__"},  # `python -m vlmfit`: the CLI, for launchers
     {"cli"},
     {"train"},
     {"evaluate", "memory", "doctor", "launch", "export"},

@@ -38,6 +38,7 @@ def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pat
           profile: Annotated[bool, typer.Option("--profile", help="time each step's parts (data, vision, language, loss, optimizer); supervised recipes")] = False):
     """Fine-tune a model as the recipe says (or continue a run with --resume); writes a run directory."""
     from vlmfit.config import load_config
+    from vlmfit.launch.ranks import world_size
     from vlmfit.memory.plan import preflight
     from vlmfit.rundir import RunDir
     from vlmfit.train.sft import train_sft
@@ -59,7 +60,7 @@ def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pat
     _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo",
                                 trust_remote_code=cfg.model.trust_remote_code)  # fail fast: before data
     if not is_dual_encoder(model_type):  # the planner models generative VLMs (a CLIP prompt run needs inference memory)
-        preflight(cfg, console, force)  # on a GPU: refuse a run predicted not to fit, with the breakdown and the fix
+        preflight(cfg, console, force, world=world_size())  # on a GPU (launched: per GPU under the strategy): refuse a run predicted not to fit, with the breakdown and the fix
     if profile and cfg.method in ("zo", "dpo"):
         raise UserError(f"--profile times supervised training steps; method {cfg.method} is not profiled yet",
                         where="--profile", hint="profile the SFT recipe of the same model and data (method lora / full)")
@@ -74,6 +75,54 @@ def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pat
     else:
         run = train_sft(cfg, console, profile=profile, resume=run_dir, overwrite=overwrite)
     console.print(f"[green]done[/]: {run}")
+
+
+@app.command()
+def launch(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")] = None,
+           nproc: Annotated[int, typer.Option(help="processes on this machine (one per GPU)")] = 1,
+           nnodes: Annotated[int, typer.Option(help="machines in the launch (run the same command on each)")] = 1,
+           node_rank: Annotated[int, typer.Option(help="this machine's index, 0..nnodes-1")] = 0,
+           master: Annotated[Optional[str], typer.Option(help="ADDR:PORT of machine 0 (several machines)")] = None,
+           strategy: Annotated[Optional[str], typer.Option(help="ddp | fsdp | zero2 | zero3 (default: the recipe's launch.strategy)")] = None,
+           set: SetOpt = None,
+           resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this launched run (same process count)")] = None,
+           overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing run directory of the same name")] = False,
+           force: Annotated[bool, typer.Option("--force", help="train even if the memory plan predicts it will not fit")] = False,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="print what would run (command, sbatch script, job) and start nothing")] = False,
+           slurm: Annotated[bool, typer.Option("--slurm", help="write an sbatch script (srun + torchrun) and submit it")] = False,
+           nodes: Annotated[int, typer.Option(help="--slurm: nodes")] = 1,
+           gpus_per_node: Annotated[int, typer.Option(help="--slurm: GPUs (processes) per node")] = 1,
+           partition: Annotated[Optional[str], typer.Option(help="--slurm: partition")] = None,
+           account: Annotated[Optional[str], typer.Option(help="--slurm: account")] = None,
+           cpus_per_task: Annotated[Optional[int], typer.Option(help="--slurm: CPUs per node task")] = None,
+           hf_jobs: Annotated[bool, typer.Option("--hf-jobs", help="run as a Hugging Face job (hf jobs uv run)")] = False,
+           flavor: Annotated[str, typer.Option(help="--hf-jobs: hardware flavor (hf jobs hardware)")] = "a100-large",
+           push_to: Annotated[Optional[str], typer.Option(help="--hf-jobs: hub repository that receives the run directory")] = None,
+           secret: Annotated[Optional[list[str]], typer.Option("--secret", help="--hf-jobs: a secret's NAME to pass (repeatable; HF_TOKEN always)")] = None,
+           package: Annotated[str, typer.Option(help="--hf-jobs: what the job installs (e.g. vlmfit==0.5 or a git URL)")] = "vlmfit",
+           timeout: Annotated[Optional[str], typer.Option(help="--slurm / --hf-jobs: time limit, e.g. 2h")] = None):
+    """Train a recipe on several processes, machines, a Slurm cluster or a job service (torchrun underneath)."""
+    from vlmfit.launch.command import launch_command
+    from vlmfit.launch.jobs import HfJob
+    from vlmfit.launch.local import Launch
+    from vlmfit.launch.slurm import SlurmJob
+
+    plan = Launch(recipe=None, overrides=tuple(set or ()), strategy=strategy, nproc=nproc, nnodes=nnodes,
+                  node_rank=node_rank, master=master, resume=str(resume) if resume is not None else None,
+                  overwrite=overwrite, force=force)
+    job = None
+    if hf_jobs:
+        if push_to is None:
+            raise UserError("--hf-jobs needs --push-to: a job's disk is gone when it ends, so the run directory is "
+                            "uploaded to a hub repository", where="--push-to", hint="e.g. --push-to my-user/vlmfit-runs")
+        job = HfJob(flavor=flavor, push_to=push_to, timeout=timeout, package=package,
+                    secrets=tuple(dict.fromkeys(["HF_TOKEN", *(secret or [])])))
+    cluster = SlurmJob(name="", nodes=nodes, gpus_per_node=gpus_per_node, train_args=(), time=timeout,
+                       partition=partition, account=account, cpus_per_task=cpus_per_task) if slurm else None
+    code = launch_command(plan, _recipe_path(recipe) if recipe else None, console, dry_run=dry_run, slurm=cluster,
+                          hf_job=job)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -271,8 +320,16 @@ def main():
         # UserError, which it does not know, comes out here.
         app()
     except UserError as e:
+        from vlmfit.launch.local import record_failure
+
+        record_failure(e, user=True)  # a launched rank: the launcher shows this message as the launch's
         err_console.print(f"[bold red]error[/]: {e.render()}", highlight=False)
         sys.exit(e.exit_code)
+    except Exception as e:
+        from vlmfit.launch.local import record_failure
+
+        record_failure(e, user=False)
+        raise
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

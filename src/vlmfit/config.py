@@ -188,6 +188,15 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(8, ge=1)
 
 
+STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+
+
+class LaunchConfig(_Section):
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
+        "ddp", description="how `vlmfit launch` shares the work between processes: ddp (replicated model), fsdp "
+        "(FSDP2: weights, gradients, optimizer state sharded), zero2 / zero3 (DeepSpeed ZeRO stage 2 / 3)")
+
+
 class OutputConfig(_Section):
     dir: Path = Path("runs")
     name: str | None = Field(None, description="run directory name; default <model>-<method>-<timestamp>")
@@ -203,6 +212,7 @@ class RunConfig(_Section):
     zo: ZoConfig = ZoConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    launch: LaunchConfig = LaunchConfig()
     output: OutputConfig = OutputConfig()
 
     @model_validator(mode="after")

@@ -25,6 +25,7 @@ SUMMARY = "summary.json"  # RunSummary
 EVAL_BEFORE = "eval_before.json"
 EVAL_AFTER = "eval_after.json"
 LORA_TARGETS = "lora_targets.json"
+LAUNCH = "launch.json"  # how a launched run was shared out (strategy, world size, the engine arguments)
 LOSS_PLOT = "loss.png"
 REPORT = "report.md"
 CHECKPOINTS = "checkpoints"  # the Trainer's output_dir: checkpoint-<step>/ (resumable), the last train.save_total_limit
@@ -112,12 +113,18 @@ class RunDir:
     path: Path
 
     # -- create / open ----------------------------------------------------------------------------------------
+    @staticmethod
+    def default_name(cfg: RunConfig) -> str:
+        return "{}-{}-{}".format(cfg.model.name.replace(":", "-").replace("/", "-"), cfg.method,
+                                 _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+    @staticmethod
+    def path_for(cfg: RunConfig) -> Path:
+        return Path(cfg.output.dir) / (cfg.output.name or RunDir.default_name(cfg))
+
     @classmethod
     def create(cls, cfg: RunConfig, overwrite: bool = False) -> "RunDir":
-        name = cfg.output.name or "{}-{}-{}".format(
-            cfg.model.name.replace(":", "-").replace("/", "-"), cfg.method, _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        )
-        path = Path(cfg.output.dir) / name
+        path = cls.path_for(cfg)
         if path.exists() and any(path.iterdir()):
             if not overwrite:
                 what = "holds another run" if (path / CONFIG).is_file() else "is not empty"

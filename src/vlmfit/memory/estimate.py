@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from vlmfit.config import STRATEGIES
 from vlmfit.memory.activations import Dtypes, checkpoint_bytes, layer_bytes, lean_logits_bytes, logits_bytes, working_bytes
 from vlmfit.memory.budget import GiB, SAFETY_MARGIN, verdict
 from vlmfit.memory.shape import ModelShape
@@ -37,7 +38,6 @@ from vlmfit.models.loss import chunk_for
 
 CUDA_OVERHEAD = int(0.75 * GiB)  # CUDA context + cuBLAS/cuDNN workspaces: on the card, not in max_memory_allocated
 NF4_BITS = {True: 4 + 8 / 64 + 32 / (64 * 256), False: 4 + 32 / 64}  # double quant -> ~4.127, else 4.5
-STRATEGIES = ("ddp", "zero2", "zero3", "fsdp")
 
 
 @dataclass(frozen=True)

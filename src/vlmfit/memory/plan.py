@@ -116,15 +116,24 @@ def measure_table(m: dict) -> Table:
     return t
 
 
-def preflight(cfg, console: Console | None = None, force: bool = False) -> Breakdown | None:
+def preflight(cfg, console: Console | None = None, force: bool = False, world: int = 1) -> Breakdown | None:
     """Before `vlmfit train`: plan against the CUDA device's memory and refuse a run predicted not to fit (with the
-    breakdown and the fix), unless forced. No-op on the CPU (no fixed budget)."""
+    breakdown and the fix), unless forced. Launched on `world` processes: the per-GPU figure of cfg.launch.strategy.
+    No-op on the CPU (no fixed budget)."""
     import torch
 
     if not torch.cuda.is_available():
         return None
     budget = torch.cuda.get_device_properties(0).total_memory
     bd = plan_memory(cfg, device="cuda", budget=budget)
+    if world > 1:
+        total = per_gpu(bd, recipe_shape(cfg), cfg.launch.strategy, world)["total"]
+        if total > budget and not force:
+            raise UserError(f"predicted peak {total / GiB:.1f} GiB per GPU under {cfg.launch.strategy} at {world} "
+                            f"processes does not fit this GPU ({budget / GiB:.1f} GiB)", where="memory plan",
+                            hint=f"`vlmfit plan RECIPE --gpus {world}` compares the strategies; zero3 / fsdp shard "
+                                 "the most; or pass --force")
+        return bd
     if bd.verdict == "does not fit" and not force:
         (console or Console()).print(bd.table())
         raise UserError(

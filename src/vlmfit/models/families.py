@@ -127,6 +127,9 @@ class Family:
     # where tests/test_features.py shows the same loss and gradients. Not Qwen3-VL (its deepstack features are
     # not in that input), SmolVLM (features per tile, not per image) or Gemma 4 (not verified).
     feature_cache: bool = False
+    # Some parameters get no gradient in a step whatever the batch (Gemma 4's audio tower on image data): DDP must
+    # look for unused parameters each step (ddp_find_unused_parameters), or it waits for their gradients forever.
+    ddp_unused_parameters: bool = False
 
 
 _QWEN = dict(
@@ -219,6 +222,7 @@ FAMILIES: dict[str, Family] = {
             train_limits=(("lr", 1e-4), ("max_grad_norm", 0.1)),
             train_limits_hint="gradient norms explode with LoRA here, use train.lr: 5.0e-5 and train.max_grad_norm: 0.1",
             packing_note="packed examples score differently from the same examples alone in transformers 5.24",
+            ddp_unused_parameters=True,
         ),
         Family(
             "llava",

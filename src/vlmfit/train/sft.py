@@ -18,15 +18,18 @@ from vlmfit.chat.rows import EncodedCache, RowCollator, processor_fingerprint
 from vlmfit.config import RunConfig
 from vlmfit.data.splits import load_splits, require_chat
 from vlmfit.evaluate.classification import evaluate_task
+from vlmfit.launch.ranks import barrier, is_main, main_first, world_size
 from vlmfit.models.features import FeatureCache, feature_cache_refusal
 from vlmfit.models.load import Loaded, check_model, load
 from vlmfit.models.packing import packing_refusal
+from vlmfit.models.towers import TowerSync
 from vlmfit.models.targets import enable_checkpointing, make_trainable
 from vlmfit.models.tiny.corpus import cache_home
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.trainer import (DivergenceGuard, callbacks, final_loss, param_counts, quiet_printing, report_targets,
-                                  require_disk_for_checkpoints, resume_point, run_training, trainer_arguments, vlmfit_trainer,
+                                  launch_arguments, open_run, rank_console, require_disk_for_checkpoints, resume_point,
+                                  run_training, shared_run_name, sync_towers, trainer_arguments, vlmfit_trainer,
                                   with_row_ids)
 
 
@@ -34,25 +37,29 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
               overwrite: bool = False) -> Path:
     """Run the recipe end to end and return the run directory (`profile`: where each step's time goes, printed
     and in profile.json; `resume`: continue that run from its last complete checkpoint, exactly)."""
-    console = console or Console()
+    console = rank_console(console or Console())
     set_seed(cfg.train.seed)
-    check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
-    start = resume_point(resume) if resume else None
-    splits = load_splits(cfg)
-    require_chat(splits)
-    loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
-    collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
-    console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
-                  f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
-    train_ds, length_report = apply_length_policy(splits.train, collator, cfg, console)
-    train_ds = with_row_ids(train_ds)
-    require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
-    run = resume or RunDir.create(cfg, overwrite)  # only once every check above has passed
+    cfg = shared_run_name(cfg)
+    with main_first():  # launched: rank 0 builds the caches and the run directory, then the other ranks read them
+        check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
+        start = resume_point(resume) if resume else None
+        splits = load_splits(cfg)
+        require_chat(splits)
+        loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
+        collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
+        console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
+                      f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
+        train_ds, length_report = apply_length_policy(splits.train, collator, cfg, console)
+        train_ds = with_row_ids(train_ds)
+        require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
+        run = open_run(cfg, overwrite, resume)  # only once every check above has passed
     console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start[0]})" if start else ""))
 
     if cfg.eval.before and not (resume and run.evals()[0] is not None):
-        run.write_eval("before", evaluate_task(loaded.model, collator, splits.test, splits.labels, cfg.eval, console, "before training",
-                                                  cfg.data.task))
+        if is_main():
+            run.write_eval("before", evaluate_task(loaded.model, collator, splits.test, splits.labels, cfg.eval, console,
+                                                      "before training", cfg.data.task))
+        barrier()
 
     model, resolved = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
     if resolved is not None:
@@ -60,8 +67,9 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     source_rows = train_ds["source_row"] if "source_row" in train_ds.column_names else None
     guard = DivergenceGuard(cfg, run, source_rows)
     features = image_feature_cache(model, loaded.family, cfg, console)
+    sync = sync_towers(model, loaded.family, loaded.processor, cfg, videos="videos" in train_ds.column_names)
     trainer = make_trainer(model, loaded, train_collator(collator, cfg, console, image_keys=features is not None), train_ds,
-                           cfg, run, guard, features)
+                           cfg, run, guard, features, sync)
     profiler = None
     if profile:
         from vlmfit.train.profile import StepProfiler
@@ -77,6 +85,8 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
 
         console.print(profile_table(profiler.summary()))
 
+    if not is_main():  # the other ranks' part ends with the training steps: rank 0 saves, evaluates, reports
+        return run.path
     weights = save_weights(model, loaded, cfg, run)
     run.drop_empty_checkpoints()
     if cfg.eval.after:
@@ -95,14 +105,15 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
 
 
 def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir, guard: DivergenceGuard | None = None,
-                 features: FeatureCache | None = None):
+                 features: FeatureCache | None = None, sync: TowerSync | None = None):
     from trl import SFTConfig, SFTTrainer
 
     guard = guard or DivergenceGuard(cfg, run)
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
-    trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss, family=loaded.family, features=features)(
+    trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss, family=loaded.family, features=features,
+                             sync=sync)(
         model=model,
-        args=SFTConfig(**trainer_arguments(cfg, run)),
+        args=SFTConfig(**trainer_arguments(cfg, run), **launch_arguments(cfg, model, loaded.family, run)),
         train_dataset=train_ds,
         processing_class=loaded.processor,
         data_collator=collator,
@@ -117,6 +128,8 @@ def image_feature_cache(model, family, cfg: RunConfig, console: Console) -> Feat
     if not cfg.train.cache_image_features:
         return None
     why = feature_cache_refusal(model, family)
+    if not why and world_size() > 1 and cfg.launch.strategy in ("fsdp", "zero3"):
+        why = f"the towers are sharded (launch.strategy {cfg.launch.strategy}): every rank runs them every step"
     if why:
         console.print(f"image features: computed every step ({why})")
         return None

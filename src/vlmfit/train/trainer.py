@@ -17,11 +17,15 @@ from transformers import PrinterCallback, TrainerCallback
 from vlmfit.chat.collate import ROW
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
+from vlmfit.launch.ranks import barrier, broadcast, is_main, world_size
+from vlmfit.launch.strategy import here_refusal, require_supported, strategy_arguments
 from vlmfit.models.families import Family
 from vlmfit.models.features import IMAGE_KEYS, FeatureCache
 from vlmfit.models.loss import causal_lm_loss
+from vlmfit.models.targets import part_of
 from vlmfit.models.packing import unpack_inputs
-from vlmfit.rundir import ENVIRONMENT, LORA_TARGETS, SUMMARY, RunDir, environment
+from vlmfit.models.towers import TowerSync
+from vlmfit.rundir import ENVIRONMENT, LAUNCH, LORA_TARGETS, SUMMARY, RunDir, environment
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
 
@@ -62,7 +66,44 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         dataloader_num_workers=t.dataloader_workers,
         dataloader_persistent_workers=t.dataloader_workers > 0,  # not re-forked every epoch
         dataloader_pin_memory=use_cuda,
+        # launched on CPUs (tests, CPU clusters): accelerate's MULTI_CPU with gloo, which it picks only with use_cpu
+        use_cpu=not use_cuda and world_size() > 1,
     )
+
+
+def launch_arguments(cfg: RunConfig, model, family: Family, run: RunDir) -> dict:
+    """Launched (WORLD_SIZE > 1): the TrainingArguments of cfg.launch.strategy, also written to the run directory
+    (launch.json) by rank 0, so the run records how it was shared out. Empty in a single process."""
+    if world_size() == 1:
+        return {}
+    strategy = cfg.launch.strategy
+    require_supported(strategy, cfg.method)
+    why = here_refusal(strategy)
+    if why:
+        raise UserError(why, where="launch.strategy")
+    args = trainer_arguments(cfg, run)
+    # Parameters that can go without a gradient in a step: a trained tower's layers past the one the features are
+    # read from (LLaVA's vision_feature_layer -2, its post-layernorm), or a family's own (Gemma 4's audio tower)
+    unused = family.ddp_unused_parameters or towers_trained(model, family)
+    extra = strategy_arguments(strategy, model, family, args["bf16"], args["fp16"], unused)
+    if is_main():
+        run.write_json(LAUNCH, {"strategy": strategy, "world_size": world_size(), "arguments": extra,
+                                "global_batch": cfg.train.batch_size * cfg.train.grad_accum * world_size()})
+    return extra
+
+
+def towers_trained(model, family: Family) -> bool:
+    return any(p.requires_grad and part_of(n.removeprefix("base_model.model."), family) in ("vision", "projector")
+               for n, p in model.named_parameters())
+
+
+def sync_towers(model, family: Family, processor, cfg: RunConfig, videos: bool) -> TowerSync | None:
+    """Launched with a trained vision tower or sharded weights: the blank-image inputs that keep ranks in step."""
+    if world_size() == 1:
+        return None
+    if not towers_trained(model, family) and cfg.launch.strategy not in ("fsdp", "zero3"):
+        return None
+    return TowerSync(processor, videos)
 
 
 class Stopped(UserError):
@@ -76,6 +117,29 @@ class Stopped(UserError):
         self.exit_code = exit_code
 
 
+def rank_console(console: Console) -> Console:
+    """The console on rank 0; on the other ranks of a launch one that prints nothing (rank 0 speaks for the run)."""
+    return console if is_main() else Console(quiet=True)
+
+
+def shared_run_name(cfg: RunConfig) -> RunConfig:
+    """Launched: every rank uses rank 0's run directory name (the default name carries a timestamp)."""
+    if world_size() == 1 or cfg.output.name is not None:
+        return cfg
+    name = broadcast(RunDir.default_name(cfg))
+    return cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": name})})
+
+
+def open_run(cfg: RunConfig, overwrite: bool, resume: RunDir | None) -> RunDir:
+    """The run directory: `resume`'s, or a new one, created by rank 0 alone (the other ranks open it; called under
+    ranks.main_first, so rank 0 has made it by then)."""
+    if resume is not None:
+        return resume
+    if is_main():
+        return RunDir.create(cfg, overwrite)
+    return RunDir.open(RunDir.path_for(cfg))
+
+
 def with_row_ids(ds):
     """The train split with each example's index in it (column ROW): the divergence guard names the rows of a bad
     step. add_column adds one column beside the table, without rewriting the images."""
@@ -83,7 +147,7 @@ def with_row_ids(ds):
 
 
 def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False, family: Family | None = None,
-                   features: FeatureCache | None = None):
+                   features: FeatureCache | None = None, sync: TowerSync | None = None):
     """`trainer_class` (TRL's SFTTrainer or DPOTrainer) as vlmfit runs it:
     - with `lean_loss`, the loss is models.loss.causal_lm_loss: the LM head only at the labelled positions, never
       full logits. Trainer.compute_loss is the documented place to change the loss; the normalisation follows the
@@ -92,6 +156,8 @@ def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = Fa
     - the batch rows (ROW, put there by the collators) are taken out before the model sees the batch, for the guard;
     - a packed batch (chat/rows.py) gets its examples' own position ids here, where the model is (`family`'s rule);
     - with `features`, images seen before get their features from that cache instead of the vision tower;
+    - with `sync` (launched, towers trained or sharded), a batch without images runs the tower on a blank one
+      (models/towers.py), so every rank's collective calls match;
     - every optimizer step's gradient norm (before clipping: the value the Trainer logs) goes through the guard,
       which can drop the step's gradients (the optimizer then skips every parameter) or stop the run."""
 
@@ -100,14 +166,26 @@ def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = Fa
             rows = inputs.pop(ROW, None)
             if rows is not None:
                 guard.rows.extend(rows.tolist())
+            inner = self.accelerator.unwrap_model(model)  # launched: the module inside DDP / FSDP
+            blank = sync.touch(inner, inputs) if sync is not None else None
             if family is not None:
-                inputs = unpack_inputs(model, inputs, family)
+                inputs = unpack_inputs(inner, inputs, family)
             if features is not None:
-                inputs = features.inputs(model, inputs)
+                inputs = features.inputs(inner, inputs)
             inputs.pop(IMAGE_KEYS, None)
             if not lean_loss:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            loss = causal_lm_loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+                if blank is None:
+                    return out
+                return (out[0] + blank, out[1]) if return_outputs else out + blank
+            global_count = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            loss = causal_lm_loss(model, inputs, num_items_in_batch if global_count else None)
+            if global_count and self.args.average_tokens_across_devices:
+                # divided by the tokens of all ranks, and DDP averages the ranks' gradients: scaled back as the
+                # Trainer's own compute_loss does, so the gradient is the global batch's
+                loss = loss * self.accelerator.num_processes
+            if blank is not None:
+                loss = loss + blank
             return (loss, None) if return_outputs else loss
 
         def _get_grad_norm(self, model, grad_norm=None):
@@ -143,7 +221,8 @@ class DivergenceGuard(TrainerCallback):
         event = {"step": step, "grad_norm": value if math.isfinite(value) else str(value), "action": self.action,
                  "rows": rows, **({"source_rows": [self.source_rows[r] for r in rows]} if self.source_rows else {})}
         self.events.append(event)
-        self.run.log_metrics({"step": step, "divergence": event})
+        if is_main():  # the norm is the global one: every rank drops the same step
+            self.run.log_metrics({"step": step, "divergence": event})
         if self.action == "stop":
             self.stopped = event
             trainer.control.should_training_stop = True
@@ -165,6 +244,7 @@ class Checkpoints(TrainerCallback):
         self.run = run
 
     def on_save(self, args, state, control, **kw):
+        barrier()  # launched: every rank has written its part (its RNG state, its optimizer shard) before the marker
         if args.should_save:  # rank 0
             self.run.complete_checkpoint(state.global_step, {"world_size": args.world_size, "epoch": state.epoch})
 
@@ -204,7 +284,7 @@ class StopOnSignal(TrainerCallback):
 
 
 def callbacks(run: RunDir, guard: DivergenceGuard) -> list:
-    return [RichProgress(run), Checkpoints(run), guard, StopOnSignal()]
+    return ([RichProgress(run)] if is_main() else []) + [Checkpoints(run), guard, StopOnSignal()]
 
 
 def stopper_of(trainer) -> StopOnSignal:

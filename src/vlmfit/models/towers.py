@@ -1,0 +1,61 @@
+"""Every rank runs the towers every step. Under DDP with a trained vision tower, FSDP2 or ZeRO-3, the ranks' collective
+calls must match: a rank whose batch has no image (text-only rows, or a video where the others have an image) would
+skip the tower's all-gathers or gradient buckets while the others wait in them, and the launch hangs
+(LLaMA-Factory#5616, #5944). Such a batch runs the tower on one blank image instead and adds 0 x its features to
+the loss: the same calls on every rank, the same loss and gradients."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+from PIL import Image
+
+MODALITIES = (("pixel_values", "get_image_features"), ("pixel_values_videos", "get_video_features"))
+
+
+class TowerSync:
+    """Blank-image (and blank-video, where the family has a video path and the run's data has videos) inputs made
+    once by the run's own processor; `touch` gives what to add to a batch's loss."""
+
+    def __init__(self, processor, videos: bool = False):
+        self.inputs: dict[str, dict] = {}
+        blank = Image.new("RGB", (64, 64))
+        image_processor = getattr(processor, "image_processor", None)
+        if image_processor is not None:
+            self.inputs["pixel_values"] = dict(image_processor(images=[blank], return_tensors="pt"))
+        video_processor = getattr(processor, "video_processor", None)
+        if videos and video_processor is not None:
+            frames = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+            self.inputs["pixel_values_videos"] = dict(video_processor(videos=[frames], return_tensors="pt"))
+
+    def touch(self, model, batch: dict) -> torch.Tensor | None:
+        """0 x the features of a blank input for each modality this batch lacks (None when it lacks none)."""
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model wraps it
+        total = None
+        for key, method in MODALITIES:
+            if key in batch or key not in self.inputs or not hasattr(base, method):
+                continue
+            fn = getattr(base, method)
+            accepted = inspect.signature(fn).parameters
+            device, dtype = base.device, base.dtype
+            kwargs = {k: (v.to(device, dtype) if torch.is_floating_point(v) else v.to(device))
+                      for k, v in self.inputs[key].items() if k in accepted}
+            out = fn(**kwargs)
+            tensors = _tensors(out)
+            part = sum(t.float().sum() for t in tensors) * 0.0
+            total = part if total is None else total + part
+        return total
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """Every tensor in a get_*_features output (a tensor, a tuple of per-image tensors, or a ModelOutput)."""
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict):
+        out = [v for v in out.values() if v is not None]
+    found = []
+    for item in out if isinstance(out, (list, tuple)) else []:
+        found.extend(_tensors(item))
+    return found
