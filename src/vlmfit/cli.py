@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vlmfit.errors import UserError
@@ -38,7 +39,7 @@ def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pat
           profile: Annotated[bool, typer.Option("--profile", help="time each step's parts (data, vision, language, loss, optimizer); supervised recipes")] = False):
     """Fine-tune a model as the recipe says (or continue a run with --resume); writes a run directory."""
     from vlmfit.config import load_config
-    from vlmfit.launch.ranks import world_size
+    from vlmfit.launch.ranks import is_main, world_size
     from vlmfit.memory.plan import preflight
     from vlmfit.rundir import RunDir
     from vlmfit.train.sft import train_sft
@@ -74,7 +75,8 @@ def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pat
         run = train_dpo(cfg, console, resume=run_dir, overwrite=overwrite)
     else:
         run = train_sft(cfg, console, profile=profile, resume=run_dir, overwrite=overwrite)
-    console.print(f"[green]done[/]: {run}")
+    if world_size() == 1 or is_main():  # launched: rank 0 speaks for the run
+        console.print(f"[green]done[/]: {run}")
 
 
 @app.command()
@@ -323,7 +325,7 @@ def main():
         from vlmfit.launch.local import record_failure
 
         record_failure(e, user=True)  # a launched rank: the launcher shows this message as the launch's
-        err_console.print(f"[bold red]error[/]: {e.render()}", highlight=False)
+        err_console.print(f"[bold red]error[/]: {escape(e.render())}", highlight=False)  # brackets in it are text
         sys.exit(e.exit_code)
     except Exception as e:
         from vlmfit.launch.local import record_failure

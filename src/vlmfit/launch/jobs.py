@@ -81,7 +81,7 @@ def main():
         api = HfApi()  # the token comes from the HF_TOKEN secret
         api.create_repo({job.push_to!r}, private=True, exist_ok=True)
         api.upload_folder(repo_id={job.push_to!r}, folder_path=str(run), path_in_repo={cfg.output.name!r})
-        print(f"run directory uploaded to https://huggingface.co/{job.push_to}/tree/main/{cfg.output.name}")
+        print("run directory uploaded to https://huggingface.co/{job.push_to}/tree/main/{cfg.output.name}")
     raise SystemExit(code)
 
 

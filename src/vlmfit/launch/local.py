@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,19 +115,20 @@ def run_local(launch: Launch, strategy: str, console: Console) -> int:
         code = subprocess.call(argv, env=env)
         if code == 0:
             return 0
-        failures = sorted(Path(status).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+        # the first rank to fail is the cause; the others failed after it (a closed connection, a timeout)
+        failures = sorted((json.loads(p.read_text()) for p in Path(status).glob("rank*.json")), key=lambda f: f["time"])
         if not failures:
             raise UserError(f"torchrun exited with code {code} before any rank reported (its message is above)",
                             where="vlmfit launch")
-        first = json.loads(failures[0].read_text())
-        others = f" (and ranks {', '.join(p.stem[4:] for p in failures[1:])})" if len(failures) > 1 else ""
+        first = failures[0]
+        others = f"; rank {', '.join(str(f['rank']) for f in failures[1:])} failed after it" if len(failures) > 1 else ""
         if first["kind"] == "user":
-            err = UserError(first["what"], where=f"rank {first['rank']}{others}: {first['where'] or 'vlmfit train'}",
+            err = UserError(first["what"] + others, where=f"rank {first['rank']}: {first['where'] or 'vlmfit train'}",
                             hint=first["hint"])
             err.exit_code = first["exit_code"]
             raise err
-        raise UserError(f"rank {first['rank']}{others} crashed: {first['what']} (its traceback is above; the other "
-                        "ranks were stopped)", where="vlmfit launch")
+        raise UserError(f"rank {first['rank']} crashed: {first['what']} (its traceback is above{others}; the "
+                        "launch stopped every rank)", where="vlmfit launch")
 
 
 def record_failure(exc: BaseException, user: bool) -> None:
@@ -135,7 +137,8 @@ def record_failure(exc: BaseException, user: bool) -> None:
     if not status:
         return
     rank = int(os.environ.get("RANK", "0"))
-    info = {"rank": rank, "kind": "user" if user else "crash", "exit_code": getattr(exc, "exit_code", 1)}
+    info = {"rank": rank, "kind": "user" if user else "crash", "exit_code": getattr(exc, "exit_code", 1),
+            "time": time.time()}
     if user:
         info.update(what=exc.what, where=exc.where, hint=exc.hint)
     else:

@@ -1,8 +1,9 @@
-"""Every rank runs the towers every step. Under DDP with a trained vision tower, FSDP2 or ZeRO-3, the ranks' collective
-calls must match: a rank whose batch has no image (text-only rows, or a video where the others have an image) would
-skip the tower's all-gathers or gradient buckets while the others wait in them, and the launch hangs
-(LLaMA-Factory#5616, #5944). Such a batch runs the tower on one blank image instead and adds 0 x its features to
-the loss: the same calls on every rank, the same loss and gradients."""
+"""Every rank runs the towers every step. Under FSDP2 or ZeRO-3 each tower block gathers its sharded weights from all
+ranks when it runs, so the ranks' collective calls must match: a rank whose batch has no image (text-only rows, or
+a video where the others have an image) would skip the tower's all-gathers while the others wait in them, and the
+launch hangs (LLaMA-Factory#5616, #5944). Such a batch runs the tower on one blank image instead and adds 0 x its
+features to the loss: the same calls on every rank, the same loss and gradients. (DDP instead searches for unused
+parameters when a tower trains: train/trainer.launch_arguments.)"""
 
 from __future__ import annotations
 

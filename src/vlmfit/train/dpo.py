@@ -23,14 +23,15 @@ from vlmfit.data.splits import load_splits
 from vlmfit.errors import UserError
 from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.evaluate.preference import evaluate_preference
+from vlmfit.launch.ranks import barrier, is_main, main_first
 from vlmfit.models.load import Loaded, check_model, load
 from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, enable_checkpointing, peft_config, prepare_kbit,
                                    resolve_for)
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.trainer import (DivergenceGuard, callbacks, final_loss, param_counts, quiet_printing, report_targets,
-                                  require_disk_for_checkpoints, resume_point, run_training, trainer_arguments, vlmfit_trainer,
-                                  with_row_ids)
+from vlmfit.train.trainer import (DivergenceGuard, callbacks, note_uneven_epoch, final_loss, launch_arguments, open_run, param_counts,
+                                  quiet_printing, rank_console, report_targets, require_disk_for_checkpoints, resume_point,
+                                  run_training, shared_run_name, trainer_arguments, vlmfit_trainer, with_row_ids)
 
 
 def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | None = None, overwrite: bool = False) -> Path:
@@ -44,20 +45,24 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
         raise UserError(f"a {cfg.model.quantization} quantized model cannot be trained in full", where="dpo.tuning",
                         hint="dpo.tuning: lora trains adapters on the quantized base (QLoRA), or set model.quantization: none")
     set_seed(cfg.train.seed)
-    check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
-    start_point = resume_point(resume) if resume else None
-    if cfg.dpo.init_from:
-        start_run(cfg)  # an init_from that is not a run directory fails before any data is prepared
-    data = load_pairs(cfg)
-    loaded, start = load_start(cfg, console)
-    chat = VisionChatCollator(loaded.processor, loaded.family, max_length=cfg.train.max_length)
-    collator = PreferenceCollator(chat)
-    console.print(f"family [bold]{loaded.family.name}[/]; {len(data.train)} training pairs ({data.kinds}); replies "
-                  f"found by {chat.label_method} ({LABEL_METHODS[chat.label_method]})")
-    train_pairs, length_report = apply_length_policy(data.train, collator, cfg, console)
-    train_pairs = with_row_ids(train_pairs)
-    require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
-    run = resume or RunDir.create(cfg, overwrite)  # only once every check above has passed
+    console = rank_console(console)
+    cfg = shared_run_name(cfg)
+    with main_first():  # launched: rank 0 builds the caches and the run directory, then the other ranks read them
+        check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
+        start_point = resume_point(resume) if resume else None
+        if cfg.dpo.init_from:
+            start_run(cfg)  # an init_from that is not a run directory fails before any data is prepared
+        data = load_pairs(cfg)
+        loaded, start = load_start(cfg, console)
+        chat = VisionChatCollator(loaded.processor, loaded.family, max_length=cfg.train.max_length)
+        collator = PreferenceCollator(chat)
+        console.print(f"family [bold]{loaded.family.name}[/]; {len(data.train)} training pairs ({data.kinds}); replies "
+                      f"found by {chat.label_method} ({LABEL_METHODS[chat.label_method]})")
+        train_pairs, length_report = apply_length_policy(data.train, collator, cfg, console)
+        train_pairs = with_row_ids(train_pairs)
+        note_uneven_epoch(len(train_pairs), cfg, console)
+        require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
+        run = open_run(cfg, overwrite, resume)  # only once every check above has passed
     console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start_point[0]})" if start_point else ""))
 
     source_rows = train_pairs["source_row"] if "source_row" in train_pairs.column_names else None
@@ -68,12 +73,16 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
     # Evaluation scores whole sequences (no max_length): it needs no gradients and nothing is cut.
     scorer = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
     if cfg.eval.before and not (resume and run.evals()[0] is not None):
-        run.write_eval("before", evaluate(model, ref_model, scorer, data, cfg, console, "before training"))
+        if is_main():
+            run.write_eval("before", evaluate(model, ref_model, scorer, data, cfg, console, "before training"))
+        barrier()
 
     t0 = time.perf_counter()
     result = run_training(trainer, run, guard, start_point[1] if start_point else None)
     train_seconds = time.perf_counter() - t0
     params = param_counts(model)
+    if not is_main():  # the other ranks' part ends with the training steps: rank 0 saves, evaluates, reports
+        return run.path
 
     weights = save_policy(model, loaded, cfg, run)
     run.drop_empty_checkpoints()
@@ -200,6 +209,7 @@ def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg:
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
     args = DPOConfig(
         **trainer_arguments(cfg, run),
+        **launch_arguments(cfg, model, loaded.family, run),
         beta=cfg.dpo.beta,
         loss_type=[cfg.dpo.loss_type],
         label_smoothing=cfg.dpo.label_smoothing,

@@ -27,7 +27,7 @@ from vlmfit.models.targets import enable_checkpointing, make_trainable
 from vlmfit.models.tiny.corpus import cache_home
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.trainer import (DivergenceGuard, callbacks, final_loss, param_counts, quiet_printing, report_targets,
+from vlmfit.train.trainer import (DivergenceGuard, callbacks, note_uneven_epoch, final_loss, param_counts, quiet_printing, report_targets,
                                   launch_arguments, open_run, rank_console, require_disk_for_checkpoints, resume_point,
                                   run_training, shared_run_name, sync_towers, trainer_arguments, vlmfit_trainer,
                                   with_row_ids)
@@ -51,6 +51,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
                       f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
         train_ds, length_report = apply_length_policy(splits.train, collator, cfg, console)
         train_ds = with_row_ids(train_ds)
+        note_uneven_epoch(len(train_ds), cfg, console)
         require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
         run = open_run(cfg, overwrite, resume)  # only once every check above has passed
     console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start[0]})" if start else ""))

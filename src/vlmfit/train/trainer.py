@@ -82,8 +82,9 @@ def launch_arguments(cfg: RunConfig, model, family: Family, run: RunDir) -> dict
     if why:
         raise UserError(why, where="launch.strategy")
     args = trainer_arguments(cfg, run)
-    # Parameters that can go without a gradient in a step: a trained tower's layers past the one the features are
-    # read from (LLaVA's vision_feature_layer -2, its post-layernorm), or a family's own (Gemma 4's audio tower)
+    # Parameters that can go without a gradient in a step: a trained tower on a rank whose batch has no image, its
+    # layers past the one the features are read from (LLaVA's vision_feature_layer -2, its post-layernorm), or a
+    # family's own (Gemma 4's audio tower). Without the search, DDP waits for their gradients: the launch hangs.
     unused = family.ddp_unused_parameters or towers_trained(model, family)
     extra = strategy_arguments(strategy, model, family, args["bf16"], args["fp16"], unused)
     if is_main():
@@ -97,11 +98,23 @@ def towers_trained(model, family: Family) -> bool:
                for n, p in model.named_parameters())
 
 
+def note_uneven_epoch(n: int, cfg: RunConfig, console: Console) -> None:
+    """Launched: when the examples do not fill the last step of every rank, accelerate's even batches repeat the
+    epoch's first examples to fill it (so no rank waits for another); said, with the count."""
+    world = world_size()
+    per_step = cfg.train.batch_size * world
+    extra = -n % per_step
+    if world > 1 and extra:
+        console.print(f"[yellow]note[/]: {n} training examples do not fill the last step of {world} ranks x "
+                      f"{cfg.train.batch_size}: it repeats {extra} from the epoch's start (a multiple of {per_step} "
+                      "examples avoids it)")
+
+
 def sync_towers(model, family: Family, processor, cfg: RunConfig, videos: bool) -> TowerSync | None:
-    """Launched with a trained vision tower or sharded weights: the blank-image inputs that keep ranks in step."""
-    if world_size() == 1:
-        return None
-    if not towers_trained(model, family) and cfg.launch.strategy not in ("fsdp", "zero3"):
+    """Launched with sharded weights (fsdp, zero3): the blank-image inputs that keep the ranks' gathers in step.
+    DDP needs none: with a trained tower it looks for unused parameters (launch_arguments), which covers a rank
+    whose batch has no image, and a blank pass outside DDP's forward would mark those parameters ready twice."""
+    if world_size() == 1 or cfg.launch.strategy not in ("fsdp", "zero3"):
         return None
     return TowerSync(processor, videos)
 

@@ -137,7 +137,7 @@ def main():
         api = HfApi()  # the token comes from the HF_TOKEN secret
         api.create_repo('me/vlmfit-runs', private=True, exist_ok=True)
         api.upload_folder(repo_id='me/vlmfit-runs', folder_path=str(run), path_in_repo='digits')
-        print(f"run directory uploaded to https://huggingface.co/me/vlmfit-runs/tree/main/digits")
+        print("run directory uploaded to https://huggingface.co/me/vlmfit-runs/tree/main/digits")
     raise SystemExit(code)
 
 
