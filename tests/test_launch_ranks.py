@@ -168,3 +168,23 @@ def test_dpo_on_two_ranks_trains_as_one_process(tmp_path, digits):
     for x, y in zip(a, b):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4) and y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
     assert a[-1]["loss"] < a[0]["loss"]  # it trained
+
+
+def test_two_machines_meet_at_the_master_and_train_as_one_process(pair, tmp_path, digits):
+    """--nnodes 2 as typed on two machines (here both on this one, node 0 at 127.0.0.1): torchrun's rendezvous
+    at --master, one process each; the run equals the single process with the same global batch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = recipe(tmp_path, digits, "nodes")
+    procs = [subprocess.Popen([sys.executable, "-m", "vlmfit", "launch", str(p), "--nproc", "1", "--nnodes", "2",
+                               "--node-rank", str(r), "--master", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [proc.communicate(timeout=TIMEOUT)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    one, _, _ = pair
+    for x, y in zip(steps(one), steps(tmp_path / "runs" / "nodes")):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), (x, y)
+    assert json.loads((tmp_path / "runs" / "nodes" / "launch.json").read_text())["world_size"] == 2
