@@ -12,6 +12,8 @@ from vlmfit.chat.collate import VisionChatCollator
 from vlmfit.evaluate.tasks import bootstrap_ci, confusion_matrix, normalize, score_answers
 from vlmfit.models.loss import sequence_logprobs
 
+CAPTION_METRICS = ("bleu4", "rouge_l", "cider_d")  # scores, not rates: printed x100 without a percent sign
+
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
@@ -82,7 +84,8 @@ def evaluate_classification(model, collator: VisionChatCollator, dataset, labels
                 "accuracy": sum(correct) / len(correct),
                 "ci95": bootstrap_ci(correct),
                 "per_class": _per_class(gold, correct) if task == "classification" else None,
-                "metrics": {k: {"value": v["value"], "ci95": v["ci95"]} for k, v in metrics.items()},
+                "metrics": {k: {"value": v["value"], "ci95": v["ci95"], **({"note": v["note"]} if "note" in v else {})}
+                            for k, v in metrics.items()},
                 "answers": answers,
                 "samples": [{"gold": g, "generated": a} for g, a in list(zip(gold, answers))[:10]],
                 "seconds": round(time.perf_counter() - t0, 2),
@@ -127,6 +130,8 @@ def evaluate_task(model, collator: VisionChatCollator, test_ds, labels: list[str
                      for m in modes if m in res)
     extra = ""
     if "generate" in res and task not in ("classification", "chat"):
-        extra = "  " + "  ".join(f"{k}: {100 * v['value']:.1f}%" for k, v in res["generate"]["metrics"].items())
+        # rates as percentages; caption scores x100 as the COCO tables give them (CIDEr-D 1.2 reads 120.0)
+        extra = "  " + "  ".join(f"{k}: {100 * v['value']:.1f}" + ("" if k in CAPTION_METRICS else "%")
+                                 for k, v in res["generate"]["metrics"].items())
     console.print(f"accuracy {when}: {accs}{extra}")
     return res

@@ -6,7 +6,7 @@
 - ChartQA's relaxed accuracy: a numeric answer within 5% of a numeric reference counts, else a case-insensitive
   exact match (as pix2struct's reference implementation: "ten" is not "10");
 - classification: a confusion matrix beside the accuracy.
-Caption metrics (BLEU-4, ROUGE-L, CIDEr-D) are not here yet: a task "caption" reports exact match only."""
+- captions: BLEU-4, ROUGE-L and CIDEr-D from the COCO caption scorers (evaluate/captions.py), beside exact match."""
 
 from __future__ import annotations
 
@@ -93,6 +93,10 @@ def score_answers(task: str, answers: list[str], references: list[list[str]]) ->
         per = [METRICS[name](a, refs) for a, refs in zip(answers, references)]
         out[name] = {"value": round(float(np.mean(per)), 4) if per else float("nan"), "ci95": bootstrap_ci(per),
                      "per_example": per}
+    if task == "caption":
+        from vlmfit.evaluate.captions import caption_scores
+
+        out.update(caption_scores(answers, references))
     return out
 
 
