@@ -102,3 +102,40 @@ def test_a_caption_evaluation_on_a_tiny_model_reports_the_caption_metrics():
     assert {"bleu4", "rouge_l", "cider_d", "exact_match"} <= set(metrics)
     assert "Java" in metrics["cider_d"]["note"] and len(metrics["cider_d"]["ci95"]) == 2
     assert len(res["generate"]["answers"]) == 3
+
+
+def test_builtin_shapes_are_seeded_and_captions_say_what_is_drawn():
+    import numpy as np
+
+    from vlmfit.data.builtin import COLOURS, PLACES, load_builtin
+
+    ds = load_builtin("shapes")
+    assert len(ds["train"]) == 2000 and len(ds["test"]) == 200
+    for row in ds["test"].select(range(40)):
+        caption = row["messages"][-1]["content"][0]["text"]
+        colour = caption.split()[1]
+        place = next(p for p in PLACES if caption.endswith(p))
+        img = np.asarray(row["images"][0], dtype=int)
+        x, y = (int(c * img.shape[0]) for c in PLACES[place])
+        # the shape's colour near the named place (the shape covers its centre, jittered by 3 px at most)
+        patch = img[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3)
+        assert any(np.abs(p - COLOURS[colour]).max() < 2 for p in patch), (caption, patch)
+    from vlmfit.data.builtin import _shapes
+
+    again = _shapes()
+    assert again["test"][5]["messages"] == ds["test"][5]["messages"]  # the same on every machine
+
+
+@pytest.mark.slow
+def test_the_shapes_caption_recipe_learns_to_caption(vlmfit, tmp_path):
+    """The shipped recipe, shortened (4 of its 8 epochs): the caption metrics start at 0 and rise (measured CIDEr-D
+    4.69, BLEU-4 0.50 at this length; the full recipe: 5.31 and 0.59, docs/BENCHMARKS.md)."""
+    import json
+
+    code, out, err = vlmfit("train", "shapes-captions", "--set", f"output.dir={tmp_path}", "--set", "output.name=cap",
+                            "--set", "train.epochs=4")
+    assert code == 0, err
+    before, after = (json.loads((tmp_path / "cap" / f"eval_{w}.json").read_text())["generate"]["metrics"]
+                     for w in ("before", "after"))
+    assert before["cider_d"]["value"] < 0.1 and after["cider_d"]["value"] > 2.0
+    assert after["bleu4"]["value"] > 0.3 and after["cider_d"]["ci95"][0] > before["cider_d"]["ci95"][1]
