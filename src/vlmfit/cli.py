@@ -128,6 +128,47 @@ def launch(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pa
 
 
 @app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]):
+    """Rebuild a finished run's report.md and loss plot from its run directory."""
+    from vlmfit.report import plot_loss, write_report
+    from vlmfit.rundir import SUMMARY, RunDir
+
+    run = RunDir.open(run_dir)
+    if run.read_json(SUMMARY) is None:
+        raise UserError("the run has not finished (no summary.json): there is nothing to report yet", where=str(run_dir),
+                        hint=f"finish it (`vlmfit train --resume {run_dir}`), or evaluate a checkpoint with `vlmfit eval`")
+    plot_loss(run)
+    console.print(f"report: {write_report(run)}")
+
+
+@app.command()
+def compare(runs: Annotated[list[Path], typer.Argument(help="two or more run directories")],
+            md: Annotated[bool, typer.Option("--md", help="print a Markdown table")] = False):
+    """Finished runs side by side: model, method, steps, time, final loss, each metric before -> after."""
+    from vlmfit.report import compare_table
+    from vlmfit.rundir import SUMMARY, RunDir
+
+    opened = []
+    for path in runs:
+        run = RunDir.open(path)
+        if run.read_json(SUMMARY) is None:
+            raise UserError("the run has not finished (no summary.json)", where=str(path), hint="compare finished runs")
+        opened.append(run)
+    cols, rows = compare_table(opened)
+    if md:
+        print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        return
+    table = Table(title=f"{len(rows)} runs")
+    for c in cols:
+        table.add_column(c, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    console.print(table)
+
+
+@app.command()
 def demo(out: Annotated[Path, typer.Option(help="where run directories go")] = Path("runs"), set: SetOpt = None):
     """Train the tiny Qwen2-VL on real handwritten digits from scratch (offline, CPU) and report accuracy."""
     from vlmfit.config import load_config

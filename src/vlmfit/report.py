@@ -69,12 +69,71 @@ def write_report(run: RunDir) -> Path:
                      + (f", {s.zo['outliers_skipped']} outlier estimates skipped" if s.zo["outliers_skipped"] else ""))
     lines += ["", "| accuracy | before | after |", "|---|---|---|"]
     lines += [f"| {m} | {_acc(before, m)} | {_acc(after, m)} |" for m in modes]
+    lines += task_metric_lines(before, after)
     lines += ["", f"![loss]({LOSS_PLOT})", "", f"Weights: `{s.weights}`. Config: `config.yaml`. Environment: `environment.json`.", ""]
     if s.dpo is not None:
         lines.append(preference_section(s, pref_before, pref_after))
     out = run.path / REPORT
     out.write_text("\n".join(lines))
     return out
+
+
+RATES = ("exact_match", "vqa_accuracy", "relaxed_accuracy")  # shares, shown as percentages; the rest (captions) x100
+
+
+def _metric(ev: dict | None, name: str) -> str:
+    m = ((ev or {}).get("generate") or {}).get("metrics", {}).get(name)
+    if m is None:
+        return "-"
+    unit = "%" if name in RATES else ""
+    lo, hi = m["ci95"]
+    return f"{100 * m['value']:.1f}{unit} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def task_metric_lines(before: dict | None, after: dict | None) -> list[str]:
+    """The generated answers' task metrics (VQA, ChartQA, captions), before and after, with their 95% intervals."""
+    names = [n for ev in (before, after) for n in ((ev or {}).get("generate") or {}).get("metrics", {})]
+    names = list(dict.fromkeys(names))
+    if not names:
+        return []
+    lines = ["", "| task metric (generated answers, 95% interval) | before | after |", "|---|---|---|"]
+    lines += [f"| {n} | {_metric(before, n)} | {_metric(after, n)} |" for n in names]
+    notes = {m.get("note") for ev in (before, after) for m in ((ev or {}).get("generate") or {}).get("metrics", {}).values()}
+    lines += [f"\nCaption scores x100 (COCO's convention); {note}." for note in sorted(n for n in notes if n)]
+    return lines
+
+
+def compare_table(runs: list[RunDir]) -> tuple[list[str], list[list[str]]]:
+    """Runs side by side: what trained, how long, the final loss, and each metric after training (before, with an
+    arrow, where the run evaluated both)."""
+    cols = ["run", "model", "method", "steps", "train s", "final loss"]
+    rows, metric_names = [], []
+    evals = []
+    for run in runs:
+        before, after = run.evals()
+        s = run.summary()
+        if s.dpo is not None:
+            before, after = before and before["task"], after and after["task"]
+        evals.append((before, after))
+        for ev in (before, after):
+            for mode in ("constrained", "generate"):
+                if ev and mode in ev and f"{mode} accuracy" not in metric_names:
+                    metric_names.append(f"{mode} accuracy")
+            for n in ((ev or {}).get("generate") or {}).get("metrics", {}):
+                if n not in metric_names and n != "exact_match":
+                    metric_names.append(n)
+    for run, (before, after) in zip(runs, evals):
+        cfg, s = run.config(), run.summary()
+        row = [run.path.name, cfg.model.name, cfg.method, str(s.steps), f"{s.train_seconds:.0f}", f"{s.final_loss:.4f}"]
+        for name in metric_names:
+            if name.endswith(" accuracy"):
+                mode = name.split()[0]
+                a, b = _acc(after, mode), _acc(before, mode)
+            else:
+                a, b = _metric(after, name).split(" [")[0], _metric(before, name).split(" [")[0]
+            row.append(f"{b} -> {a}" if b != "-" and a != "-" else a if a != "-" else b)
+        rows.append(row)
+    return cols + metric_names, rows
 
 
 def _pct(ev: dict | None, key: str, group: str | None = None) -> str:

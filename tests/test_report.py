@@ -1,0 +1,65 @@
+"""`vlmfit report` and `vlmfit compare` (issue 16, item 5) on run directories as training writes them: the task
+metrics table with intervals, caption scores x100 with the tokenizer note, runs side by side, clear errors."""
+
+import pytest
+
+from vlmfit.config import load_config
+from vlmfit.evaluate.tasks import score_answers
+from vlmfit.rundir import RunDir, RunSummary
+
+
+def finished_run(tmp_path, name, answers, references, steps=10, loss=0.5):
+    """A run directory with the files a finished caption run writes (eval results from the real scorers)."""
+    cfg = load_config(base={"model": {"name": "tiny:qwen2_vl"}, "data": {"task": "caption"}, "method": "full",
+                            "eval": {"modes": ["generate"]}, "output": {"dir": str(tmp_path), "name": name}})
+    run = RunDir.create(cfg)
+    for when, ans in (("before", ["nothing"] * len(references)), ("after", answers)):
+        metrics = score_answers("caption", ans, references)
+        run.write_eval(when, {"n": len(ans), "generate": {
+            "accuracy": metrics["exact_match"]["value"], "ci95": metrics["exact_match"]["ci95"],
+            "metrics": {k: {kk: v[kk] for kk in ("value", "ci95", "note") if kk in v} for k, v in metrics.items()}}})
+    run.log_metrics({"step": 1, "loss": 1.0})
+    run.log_metrics({"step": steps, "loss": loss})
+    run.write_summary(RunSummary(method="full", steps=steps, train_seconds=12.0, final_loss=loss, trainable_params=10,
+                                 total_params=10, train_examples=8, test_examples=len(references), weights="model/",
+                                 label_method="markers"))
+    return run
+
+
+REFS = [["a red circle at the top left"], ["a blue square in the center"], ["a green triangle at the bottom right"]]
+
+
+def test_report_rebuilds_report_md_with_task_metrics_and_intervals(vlmfit, tmp_path):
+    run = finished_run(tmp_path, "good", [r[0] for r in REFS], REFS)
+    code, out, err = vlmfit("report", run.path)
+    assert code == 0, err
+    text = (run.path / "report.md").read_text()
+    # identical captions: CIDEr-D 10 (x100); a resample of one scene drawn three times has idf 0, so the interval
+    # reaches 0: the corpus statistics are recomputed per resample
+    assert "| cider_d | 0.0 [0.0, 0.0] | 1000.0 [0.0, 1000.0] |" in text
+    assert "| exact_match | 0.0% [0.0, 0.0] | 100.0% [100.0, 100.0] |" in text
+    assert "Java PTBTokenizer" in text and (run.path / "loss.png").is_file()
+
+
+def test_compare_puts_runs_side_by_side(vlmfit, tmp_path):
+    a = finished_run(tmp_path, "good", [r[0] for r in REFS], REFS, steps=20, loss=0.1)
+    b = finished_run(tmp_path, "weak", ["a red square at the top left", "a blue square", "a cat"], REFS)
+    code, out, err = vlmfit("compare", a.path, b.path, "--md")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("| run | model | method | steps | train s | final loss | generate accuracy | bleu4")
+    good = next(line for line in lines if line.startswith("| good"))
+    weak = next(line for line in lines if line.startswith("| weak"))
+    assert "| 20 |" in good and "0.0 -> 1000.0" in good and "0.0% -> 100.0%" in good
+    weak_cider = float(weak.split("|")[-2].split("->")[1])
+    assert 0 < weak_cider < 1000
+
+
+@pytest.mark.parametrize("cmd", ["report", "compare"])
+def test_unfinished_or_missing_runs_are_one_clear_error(vlmfit, tmp_path, cmd):
+    cfg = load_config(base={"model": {"name": "tiny:qwen2_vl"}, "output": {"dir": str(tmp_path), "name": "half"}})
+    RunDir.create(cfg)
+    code, _, err = vlmfit(cmd, tmp_path / "half")
+    assert code == 2 and "has not finished" in " ".join(err.split()) and "Traceback" not in err
+    code, _, err = vlmfit(cmd, tmp_path / "nope")
+    assert code == 2 and "not a run directory" in " ".join(err.split())
