@@ -63,3 +63,28 @@ def test_unfinished_or_missing_runs_are_one_clear_error(vlmfit, tmp_path, cmd):
     assert code == 2 and "has not finished" in " ".join(err.split()) and "Traceback" not in err
     code, _, err = vlmfit(cmd, tmp_path / "nope")
     assert code == 2 and "not a run directory" in " ".join(err.split())
+
+
+def test_evaluation_during_training_records_curves_and_the_best_step(vlmfit, tmp_path, digits):
+    """eval.every_steps on a held-out part of train (the source has no validation split): an evaluation every 2
+    steps in metrics.jsonl, the best step in the summary and the report, the validation examples out of training."""
+    import json
+
+    p = tmp_path / "r.yaml"
+    p.write_text(f"""model: {{name: "tiny:qwen2_vl"}}
+data: {{source: {digits}, eval_limit: 4}}
+method: lora
+train: {{max_steps: 4, batch_size: 2, logging_steps: 1, save_steps: 100}}
+eval: {{before: false, after: false, modes: [constrained], every_steps: 2}}
+output: {{dir: {tmp_path / 'runs'}, name: during}}
+""")
+    code, out, err = vlmfit("train", p)
+    assert code == 0, err
+    run = tmp_path / "runs" / "during"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [2, 4] and all("constrained accuracy" in e["eval"] for e in evals)
+    summary = json.loads((run / "summary.json").read_text())
+    values = {e["step"]: e["eval"]["constrained accuracy"] for e in evals}
+    assert summary["best"]["step"] == max(values, key=lambda s: (values[s], -s))
+    assert summary["train_examples"] == 16 - 2  # 0.1 of the 16 held out for validation
+    assert f"best on the validation split: step {summary['best']['step']}" in (run / "report.md").read_text()

@@ -186,6 +186,8 @@ class EvalConfig(_Section):
     modes: list[Literal["constrained", "generate"]] = ["constrained", "generate"]
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(8, ge=1)
+    every_steps: int | None = Field(None, ge=1, description="also evaluate on the validation split every this many "
+                                    "optimizer steps (supervised recipes): metric curves and the best step in the report")
 
 
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
@@ -220,6 +222,13 @@ class RunConfig(_Section):
         if self.train.packing and self.method in ("dpo", "zo"):
             raise ValueError(f"train.packing packs supervised fine-tuning batches (methods full, lora, qlora), not "
                              f"method {self.method}: set train.packing: false")
+        return self
+
+    @model_validator(mode="after")
+    def _every_steps_is_sft(self):
+        if self.eval.every_steps and self.method in ("dpo", "zo"):
+            raise ValueError(f"eval.every_steps evaluates supervised fine-tuning runs (methods full, lora, qlora); "
+                             f"method {self.method} evaluates before and after (zo: zo.eval_every): remove eval.every_steps")
         return self
 
     def to_yaml(self) -> str:

@@ -13,13 +13,23 @@ def plot_loss(run: RunDir) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in run.metrics() if "loss" in r and "step" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    records = run.metrics()
+    rows = [r for r in records if "loss" in r and "step" in r]
+    evals = [r for r in records if "eval" in r]  # eval.every_steps: the validation metric at those steps
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", ms=2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (assistant tokens)")
     ax.set_title(run.path.name, fontsize=9)
     ax.grid(alpha=0.3)
+    if evals:
+        name = next(iter(evals[0]["eval"]))
+        right = axes[0][1]
+        right.plot([r["step"] for r in evals], [r["eval"][name] for r in evals], marker="o", ms=3, color="tab:green")
+        right.set_xlabel("optimizer step")
+        right.set_ylabel(f"validation {name}")
+        right.grid(alpha=0.3)
     fig.tight_layout()
     out = run.path / LOSS_PLOT
     fig.savefig(out, dpi=120)
@@ -64,6 +74,9 @@ def write_report(run: RunDir) -> Path:
         f"- labels: {s.label_method} (loss on {cfg.train.loss_on} tokens)",
         f"- max_length: {_length_line(s.lengths)}",
     ]
+    if s.best is not None:
+        lines.append(f"- best on the validation split: step {s.best['step']} ({s.best['metric']} {s.best['value']:.4g}; "
+                     f"{s.best['evaluations']} evaluations, eval.every_steps {cfg.eval.every_steps}; curve beside the loss)")
     if s.zo is not None:
         lines.append(f"- forward-only: {s.zo['optimizer']} on {s.zo['target']}, {s.zo['forward_passes']:,} forward passes"
                      + (f", {s.zo['outliers_skipped']} outlier estimates skipped" if s.zo["outliers_skipped"] else ""))

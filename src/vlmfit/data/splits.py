@@ -17,6 +17,7 @@ class Splits:
     train: object  # datasets.Dataset
     test: object
     labels: list[str] | None  # class names when the task is classification
+    validation: object | None = None  # the source's validation split, when it has a non-empty one
 
     @property
     def is_preference(self) -> bool:
@@ -37,9 +38,25 @@ def load_splits(cfg: RunConfig) -> Splits:
         train = few_shot(train, cfg.data.shots_per_class, cfg.data.split_seed)
     if cfg.data.train_limit:
         train = train.select(range(min(cfg.data.train_limit, len(train))))
+    val = data["validation"] if "validation" in data and len(data["validation"]) else None
     if cfg.data.eval_limit:
         test = test.select(range(min(cfg.data.eval_limit, len(test))))
-    return Splits(train, test, class_names(train))
+        val = val.select(range(min(cfg.data.eval_limit, len(val)))) if val is not None else None
+    return Splits(train, test, class_names(train), val)
+
+
+def validation_split(splits: Splits, cfg: RunConfig):
+    """(train, validation, where the validation examples came from): the source's validation split, or, when it has
+    none (builtin data), data.val_fraction of train held out with data.split_seed (never the test split: choosing
+    the best step on it would make its figures optimistic)."""
+    if splits.validation is not None:
+        return splits.train, splits.validation, "the source's validation split"
+    fraction = cfg.data.val_fraction or 0.1
+    parts = splits.train.train_test_split(test_size=fraction, seed=cfg.data.split_seed)
+    val = parts["test"]
+    if cfg.data.eval_limit:
+        val = val.select(range(min(cfg.data.eval_limit, len(val))))
+    return parts["train"], val, f"{fraction:g} of train held out (the source has no validation split)"
 
 
 def class_names(ds) -> list[str] | None:

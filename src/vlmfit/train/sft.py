@@ -7,6 +7,7 @@ Read top to bottom: `train_sft` is the whole recipe; what it shares with the oth
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -16,7 +17,7 @@ from vlmfit.chat.collate import LABEL_METHODS, VisionChatCollator
 from vlmfit.chat.length import apply_length_policy
 from vlmfit.chat.rows import EncodedCache, RowCollator, processor_fingerprint
 from vlmfit.config import RunConfig
-from vlmfit.data.splits import load_splits, require_chat
+from vlmfit.data.splits import load_splits, require_chat, validation_split
 from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.launch.ranks import barrier, is_main, main_first, world_size
 from vlmfit.models.features import FeatureCache, feature_cache_refusal
@@ -27,7 +28,7 @@ from vlmfit.models.targets import enable_checkpointing, make_trainable
 from vlmfit.models.tiny.corpus import cache_home
 from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.trainer import (DivergenceGuard, callbacks, note_uneven_epoch, final_loss, param_counts, quiet_printing, report_targets,
+from vlmfit.train.trainer import (DivergenceGuard, EvalDuring, callbacks, note_uneven_epoch, final_loss, param_counts, quiet_printing, report_targets,
                                   launch_arguments, open_run, rank_console, require_disk_for_checkpoints, resume_point,
                                   run_training, shared_run_name, sync_towers, trainer_arguments, vlmfit_trainer,
                                   with_row_ids)
@@ -45,6 +46,11 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         start = resume_point(resume) if resume else None
         splits = load_splits(cfg)
         require_chat(splits)
+        validation = None
+        if cfg.eval.every_steps:
+            train_split, validation, origin = validation_split(splits, cfg)
+            splits = replace(splits, train=train_split)
+            console.print(f"evaluation every {cfg.eval.every_steps} steps on {len(validation)} validation examples ({origin})")
         loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
         collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
         console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
@@ -71,6 +77,14 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     sync = sync_towers(model, loaded.family, loaded.processor, cfg, videos="videos" in train_ds.column_names)
     trainer = make_trainer(model, loaded, train_collator(collator, cfg, console, image_keys=features is not None), train_ds,
                            cfg, run, guard, features, sync)
+    during = None
+    if validation is not None:
+        def evaluate_now(m):
+            return evaluate_task(m, collator, validation, splits.labels, cfg.eval, Console(quiet=True), "during",
+                                 cfg.data.task)
+
+        during = EvalDuring(cfg.eval.every_steps, run, evaluate_now, cfg.data.task)
+        trainer.add_callback(during)
     profiler = None
     if profile:
         from vlmfit.train.profile import StepProfiler
@@ -99,6 +113,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         **param_counts(model), train_examples=len(train_ds), test_examples=len(splits.test), weights=weights,
         label_method=LABEL_METHODS[collator.label_method], lengths=length_report,
         resumed_from=[start[0]] if start else None, divergence=guard.events or None,
+        best=during.best() if during is not None else None,
     ))
     plot_loss(run)
     write_report(run)

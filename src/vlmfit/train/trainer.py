@@ -296,6 +296,45 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
 
+def headline(result: dict, task: str | None) -> tuple[str, float]:
+    """The one figure a run's evaluations are ranked by: constrained accuracy with a label set, else the task's own
+    metric of the generated answers (CIDEr-D for captions, VQA accuracy, ChartQA-style relaxed accuracy ...)."""
+    if "constrained" in result:
+        return "constrained accuracy", result["constrained"]["accuracy"]
+    metrics = result["generate"]["metrics"]
+    for name in {"caption": ("cider_d",), "vqa": ("vqa_accuracy",)}.get(task or "", ()) + ("exact_match",):
+        if name in metrics:
+            return name, metrics[name]["value"]
+    return "generate accuracy", result["generate"]["accuracy"]
+
+
+class EvalDuring(TrainerCallback):
+    """eval.every_steps: the task evaluation on the validation split every N optimizer steps (rank 0; the other
+    ranks wait), each in metrics.jsonl ({"step", "eval": {metric: value}}), and the best step so far. A resumed
+    run continues from the evaluations its metrics kept."""
+
+    def __init__(self, every: int, run: RunDir, evaluate, task: str | None):
+        self.every, self.run, self.evaluate, self.task = every, run, evaluate, task
+        self.history = [r for r in run.metrics() if "eval" in r]
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step % self.every:
+            return
+        if is_main():
+            name, value = headline(self.evaluate(model), self.task)
+            record = {"step": state.global_step, "eval": {name: value}}
+            self.history.append(record)
+            self.run.log_metrics(record)
+        barrier()
+
+    def best(self) -> dict | None:
+        if not self.history:
+            return None
+        top = max(self.history, key=lambda r: (next(iter(r["eval"].values())), -r["step"]))  # the earliest of ties
+        (name, value), = top["eval"].items()
+        return {"step": top["step"], "metric": name, "value": value, "evaluations": len(self.history)}
+
+
 def callbacks(run: RunDir, guard: DivergenceGuard) -> list:
     return ([RichProgress(run)] if is_main() else []) + [Checkpoints(run), guard, StopOnSignal()]
 
