@@ -79,7 +79,18 @@ def test_hf_jobs_command_and_script_match_golden_and_never_hold_a_secret(vlmfit,
     assert command == ("hf jobs uv run --flavor a100-large --timeout 2h --secrets HF_TOKEN --secrets WANDB_API_KEY "
                        "--detach runs/digits.hfjob.py")
     script = (tmp_path / "runs" / "digits.hfjob.py").read_text()
-    golden("hfjob.py", script, tmp_path)
+    # The embedded recipe is the resolved one (every default), so it changes with the config: checked by value
+    # here, and it stands as <RECIPE> in the golden file.
+    import yaml
+
+    from vlmfit.config import load_config
+
+    opening, closing = "RECIPE = '''\\\n", "'''\n\n\ndef main"
+    start, end = script.index(opening) + len(opening), script.index(closing)
+    embedded = load_config(base=yaml.safe_load(script[start:end]))
+    assert embedded.output.name == "digits" and str(embedded.output.dir) == "/tmp/runs"
+    assert embedded.model_dump(exclude={"output"}) == load_config(recipe).model_dump(exclude={"output"})
+    golden("hfjob.py", script[:start] + "<RECIPE>\n" + script[end:], tmp_path)
     for text in (out, err, script):
         assert "SECRETVALUE" not in text and "SECRET-456" not in text
     compile(script, "hfjob.py", "exec")  # the job's script is Python that parses

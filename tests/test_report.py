@@ -88,3 +88,49 @@ output: {{dir: {tmp_path / 'runs'}, name: during}}
     assert summary["best"]["step"] == max(values, key=lambda s: (values[s], -s))
     assert summary["train_examples"] == 16 - 2  # 0.1 of the 16 held out for validation
     assert f"best on the validation split: step {summary['best']['step']}" in (run / "report.md").read_text()
+
+
+def test_report_html_renders_in_a_headless_browser(vlmfit, tmp_path, digits):
+    """report.html in Debian's chromium (through playwright): a screenshot, the page's sections, every image
+    loaded (the loss curve and the flipped examples' digits, all inline), no console errors, no request leaving
+    the page."""
+    import shutil
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    p = tmp_path / "r.yaml"
+    p.write_text(f"""model: {{name: "tiny:qwen2_vl"}}
+data: {{source: {digits}}}
+method: lora
+train: {{max_steps: 8, batch_size: 2, lr: 5.0e-3, logging_steps: 1, save_steps: 100}}
+eval: {{modes: [constrained]}}
+output: {{dir: {tmp_path / 'runs'}, name: html}}
+""")
+    code, out, err = vlmfit("train", p)
+    assert code == 0, err
+    page_path = tmp_path / "runs" / "html" / "report.html"
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        errors, requests = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+        page.goto(page_path.as_uri())
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        heads = [h.inner_text() for h in page.query_selector_all("h2")]
+        images = page.evaluate("Array.from(document.images).map(i => [i.alt, i.complete && i.naturalWidth > 0])")
+        table = page.inner_text("table")
+        browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    assert heads[:3] == ["Training", "Before and after training (95% intervals)",
+                         "Confusion matrix after training (rows: true, columns: predicted)"]
+    assert "constrained accuracy" in table
+    flipped = [h for h in heads if h.startswith(("wrong to right", "right to wrong"))]
+    assert flipped, heads  # 8 steps of LoRA at lr 5e-3 change some of the 8 test digits' answers
+    assert images and images[0] == ["loss curve", True]
+    assert all(ok for _, ok in images) and any(alt.startswith("test row") for alt, _ in images), images
+    assert not errors and not requests, (errors, requests)

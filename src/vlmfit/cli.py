@@ -129,8 +129,8 @@ def launch(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pa
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]):
-    """Rebuild a finished run's report.md and loss plot from its run directory."""
-    from vlmfit.report import plot_loss, write_report
+    """Rebuild a finished run's report.md, report.html and loss plot from its run directory."""
+    from vlmfit.report import plot_loss, write_html, write_report
     from vlmfit.rundir import SUMMARY, RunDir
 
     run = RunDir.open(run_dir)
@@ -138,7 +138,16 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]):
         raise UserError("the run has not finished (no summary.json): there is nothing to report yet", where=str(run_dir),
                         hint=f"finish it (`vlmfit train --resume {run_dir}`), or evaluate a checkpoint with `vlmfit eval`")
     plot_loss(run)
-    console.print(f"report: {write_report(run)}")
+    md = write_report(run)
+    test = None
+    try:  # the test images, for the examples that flipped; the report is written without them if the data moved
+        from vlmfit.data.splits import load_splits
+
+        cfg = run.config()
+        test = load_splits(cfg).test if cfg.method != "dpo" else None
+    except UserError as e:
+        console.print(f"[yellow]note[/]: flipped examples without images ({e.what})")
+    console.print(f"report: {md} and {write_html(run, test)}")
 
 
 @app.command()

@@ -1,10 +1,11 @@
-"""report.md and the loss curve of a run, read from its run directory (summary.json, eval_*.json, metrics.jsonl)."""
+"""report.md, report.html and the loss curve of a run, read from its run directory (summary.json, eval_*.json,
+metrics.jsonl), plus the test images for the examples that flipped."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from vlmfit.rundir import LOSS_PLOT, REPORT, RunDir, RunSummary
+from vlmfit.rundir import LOSS_PLOT, REPORT, REPORT_HTML, RunDir, RunSummary
 
 
 def plot_loss(run: RunDir) -> Path:
@@ -176,3 +177,126 @@ def preference_section(summary: RunSummary, before: dict | None, after: dict | N
               "without the reference.",
               "" if has_task else "\nNo task metric: these pairs carry no labels to score against.", ""]
     return "\n".join(lines)
+
+
+# -- report.html: one self-contained page (images inline, no script, no network) -------------------------------------
+
+_CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:24px auto;padding:0 16px;color:#222}
+table{border-collapse:collapse;margin:8px 0 18px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+.flips{display:flex;flex-wrap:wrap;gap:10px}.flip{border:1px solid #ddd;padding:6px;width:200px;font-size:12px}
+.flip img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#000;display:block}
+.good{color:#176d2c}.bad{color:#a3261b}.note{color:#666;font-size:12px}"""
+
+
+def _esc(text) -> str:
+    import html
+
+    return html.escape(str(text))
+
+
+def _png(path_or_image, size: int | None = None) -> str:
+    """A data: URI of a PNG file or a PIL image (thumbnailed to `size`)."""
+    import base64
+    import io
+
+    if isinstance(path_or_image, Path):
+        data = path_or_image.read_bytes()
+    else:
+        img = path_or_image.convert("RGB")
+        if size:
+            img = img.copy()
+            img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        data = buf.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _answers(ev: dict | None) -> tuple[str, list[str], list[bool]] | None:
+    """(mode, per-example answers, whether each was right) of an evaluation: constrained predictions when there
+    are, else generated answers."""
+    if not ev:
+        return None
+    for mode, key in (("constrained", "predictions"), ("generate", "answers")):
+        if mode in ev and key in ev[mode] and "correct" in ev[mode]:
+            return mode, ev[mode][key], ev[mode]["correct"]
+    return None
+
+
+def flips(before: dict | None, after: dict | None) -> dict[str, list[dict]]:
+    """The test examples whose answer turned right or wrong with training (as the evaluation judged them)."""
+    a, b = _answers(before), _answers(after)
+    gold = (after or {}).get("gold") or (before or {}).get("gold")
+    out: dict[str, list[dict]] = {"wrong to right": [], "right to wrong": []}
+    if not a or not b or not gold or a[0] != b[0]:
+        return out
+    for i, (g, x, y, was, now) in enumerate(zip(gold, a[1], b[1], a[2], b[2])):
+        if was != now:
+            out["wrong to right" if now else "right to wrong"].append({"row": i, "gold": g, "before": x, "after": y})
+    return out
+
+
+def write_html(run: RunDir, test_ds=None, limit: int = 12) -> Path:
+    """report.html: facts, loss and validation curves, accuracy and task metrics before / after with intervals, the
+    confusion matrix, and the flipped examples with their images (when `test_ds`, the evaluated test split, is
+    given: the same rows in the same order)."""
+    cfg, s = run.config(), run.summary()
+    before, after = run.evals()
+    if s.dpo is not None:
+        before, after = before and before["task"], after and after["task"]
+    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{_esc(run.path.name)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>Run {_esc(run.path.name)}</h1><ul>",
+             f"<li>model <code>{_esc(cfg.model.name)}</code>, method <code>{_esc(cfg.method)}</code>, data "
+             f"<code>{_esc(cfg.data.source)}</code> ({_esc(cfg.data.task)})</li>",
+             f"<li>{s.steps} steps, {s.train_seconds:.1f} s, final loss {s.final_loss:.4f}; trainable parameters "
+             f"{s.trainable_params:,} of {s.total_params:,}</li>",
+             f"<li>{s.train_examples} training and {s.test_examples} test examples</li>"]
+    if s.best is not None:
+        parts.append(f"<li>best on the validation split: step {s.best['step']} ({_esc(s.best['metric'])} "
+                     f"{s.best['value']:.4g})</li>")
+    parts.append("</ul>")
+    if (run.path / LOSS_PLOT).is_file():
+        parts.append(f"<h2>Training</h2><img alt='loss curve' src='{_png(run.path / LOSS_PLOT)}' style='max-width:100%'>")
+    rows = []
+    for mode in ("constrained", "generate"):
+        if (before and mode in before) or (after and mode in after):
+            cells = []
+            for ev in (before, after):
+                m = (ev or {}).get(mode)
+                cells.append(f"{100 * m['accuracy']:.1f}% [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]" if m else "-")
+            rows.append((f"{mode} accuracy", *cells))
+    names = list(dict.fromkeys(n for ev in (before, after) for n in ((ev or {}).get("generate") or {}).get("metrics", {})))
+    rows += [(n, _metric(before, n), _metric(after, n)) for n in names]
+    if rows:
+        parts.append("<h2>Before and after training (95% intervals)</h2><table><tr><th>metric</th><th>before</th>"
+                     "<th>after</th></tr>" + "".join(f"<tr><td>{_esc(a)}</td><td>{_esc(b)}</td><td>{_esc(c)}</td></tr>"
+                                                     for a, b, c in rows) + "</table>")
+    notes = {m.get("note") for ev in (before, after) for m in ((ev or {}).get("generate") or {}).get("metrics", {}).values()}
+    parts += [f"<p class=note>Caption scores x100; {_esc(n)}.</p>" for n in sorted(x for x in notes if x)]
+    conf = ((after or {}).get("constrained") or {}).get("confusion")
+    if conf:
+        top = max((c for row in conf["counts"] for c in row), default=1) or 1
+        head = "".join(f"<th>{_esc(c)}</th>" for c in conf["columns"])
+        body = "".join(
+            f"<tr><th>{_esc(g)}</th>" + "".join(
+                f"<td style='background:rgba(31,119,180,{c / top:.2f})'>{c}</td>" for c in row) + "</tr>"
+            for g, row in zip(conf["labels"], conf["counts"]))
+        parts.append(f"<h2>Confusion matrix after training (rows: true, columns: predicted)</h2><table><tr><th></th>"
+                     f"{head}</tr>{body}</table>")
+    changed = flips(before, after)
+    if any(changed.values()):
+        for kind, items in changed.items():
+            cls = "good" if kind == "wrong to right" else "bad"
+            parts.append(f"<h2 class={cls}>{_esc(kind)}: {len(items)} examples</h2><div class=flips>")
+            for item in items[:limit]:
+                img = ""
+                if test_ds is not None and item["row"] < len(test_ds) and test_ds[item["row"]].get("images"):
+                    img = f"<img alt='test row {item['row']}' src='{_png(test_ds[item['row']]['images'][0], 96)}'>"
+                parts.append(f"<div class=flip>{img}<div>row {item['row']}: <b>{_esc(item['gold'])}</b></div>"
+                             f"<div>before: {_esc(item['before'])}</div><div class={cls}>after: {_esc(item['after'])}</div></div>")
+            parts.append("</div>")
+    parts.append("</body></html>\n")
+    out = run.path / REPORT_HTML
+    out.write_text("".join(parts))
+    return out

@@ -28,6 +28,7 @@ LORA_TARGETS = "lora_targets.json"
 LAUNCH = "launch.json"  # how a launched run was shared out (strategy, world size, the engine arguments)
 LOSS_PLOT = "loss.png"
 REPORT = "report.md"
+REPORT_HTML = "report.html"  # the same, self-contained for a browser: curves, intervals, flipped examples
 CHECKPOINTS = "checkpoints"  # the Trainer's output_dir: checkpoint-<step>/ (resumable), the last train.save_total_limit
 CHECKPOINT_DONE = "vlmfit_checkpoint.json"  # written last, by rename: a checkpoint without it is incomplete, never used
 PROCESSOR = "processor"  # the processor the run trained with (resolution caps applied)

@@ -62,7 +62,7 @@ def evaluate_classification(model, collator: VisionChatCollator, dataset, labels
     examples = [dataset[i] for i in range(len(dataset))]
     gold = [final_answer(ex["messages"]) for ex in examples]
     gold_norm = [normalize(g) for g in gold]
-    result: dict = {"n": len(examples), "labels": labels}
+    result: dict = {"n": len(examples), "labels": labels, "gold": gold}  # gold: per example, for the report's flips
     try:
         if "constrained" in modes:
             t0 = time.perf_counter()
@@ -73,6 +73,8 @@ def evaluate_classification(model, collator: VisionChatCollator, dataset, labels
                 "ci95": bootstrap_ci(correct),
                 "per_class": _per_class(gold, correct),
                 "confusion": confusion_matrix(gold, [labels[p] for p in pred], labels),
+                "predictions": [labels[p] for p in pred],
+                "correct": correct,
                 "seconds": round(time.perf_counter() - t0, 2),
             }
         if "generate" in modes:
@@ -87,6 +89,7 @@ def evaluate_classification(model, collator: VisionChatCollator, dataset, labels
                 "metrics": {k: {"value": v["value"], "ci95": v["ci95"], **({"note": v["note"]} if "note" in v else {})}
                             for k, v in metrics.items()},
                 "answers": answers,
+                "correct": correct,
                 "samples": [{"gold": g, "generated": a} for g, a in list(zip(gold, answers))[:10]],
                 "seconds": round(time.perf_counter() - t0, 2),
             }

@@ -27,7 +27,7 @@ from vlmfit.launch.ranks import barrier, is_main, main_first
 from vlmfit.models.load import Loaded, check_model, load
 from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, enable_checkpointing, peft_config, prepare_kbit,
                                    resolve_for)
-from vlmfit.report import plot_loss, write_report
+from vlmfit.report import plot_loss, write_html, write_report
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.trainer import (DivergenceGuard, callbacks, note_uneven_epoch, final_loss, launch_arguments, open_run, param_counts,
                                   quiet_printing, rank_console, report_targets, require_disk_for_checkpoints, resume_point,
@@ -104,6 +104,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
     ))
     plot_loss(run)
     write_report(run)
+    write_html(run, data.task_test)
     return run.path
 
 

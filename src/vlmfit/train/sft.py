@@ -26,7 +26,7 @@ from vlmfit.models.packing import packing_refusal
 from vlmfit.models.towers import TowerSync
 from vlmfit.models.targets import enable_checkpointing, make_trainable
 from vlmfit.models.tiny.corpus import cache_home
-from vlmfit.report import plot_loss, write_report
+from vlmfit.report import plot_loss, write_html, write_report
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.trainer import (DivergenceGuard, EvalDuring, callbacks, note_uneven_epoch, final_loss, param_counts, quiet_printing, report_targets,
                                   launch_arguments, open_run, rank_console, require_disk_for_checkpoints, resume_point,
@@ -117,6 +117,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     ))
     plot_loss(run)
     write_report(run)
+    write_html(run, splits.test)
     return run.path
 
 
