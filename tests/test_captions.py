@@ -80,6 +80,7 @@ def test_caption_task_reports_them_beside_exact_match():
     assert set(out) == {"exact_match", "bleu4", "rouge_l", "cider_d"} and out["exact_match"]["value"] == 0.5
 
 
+@pytest.mark.slow  # generation on a tiny model (~10 s); the metric functions are tested above in the fast suite
 def test_a_caption_evaluation_on_a_tiny_model_reports_the_caption_metrics():
     import datasets
     from rich.console import Console

@@ -65,6 +65,7 @@ def test_unfinished_or_missing_runs_are_one_clear_error(vlmfit, tmp_path, cmd):
     assert code == 2 and "not a run directory" in " ".join(err.split())
 
 
+@pytest.mark.slow  # a training run with evaluations (~20 s)
 def test_evaluation_during_training_records_curves_and_the_best_step(vlmfit, tmp_path, digits):
     """eval.every_steps on a held-out part of train (the source has no validation split): an evaluation every 2
     steps in metrics.jsonl, the best step in the summary and the report, the validation examples out of training."""
@@ -90,6 +91,7 @@ output: {{dir: {tmp_path / 'runs'}, name: during}}
     assert f"best on the validation split: step {summary['best']['step']}" in (run / "report.md").read_text()
 
 
+@pytest.mark.slow  # a training run and a browser: ~25 s, kept out of the fast suite's budget
 def test_report_html_renders_in_a_headless_browser(vlmfit, tmp_path, digits):
     """report.html in Debian's chromium (through playwright): a screenshot, the page's sections, every image
     loaded (the loss curve and the flipped examples' digits, all inline), no console errors, no request leaving
