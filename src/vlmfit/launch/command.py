@@ -52,9 +52,8 @@ def launch_command(launch: Launch, recipe_path: Path | None, console: Console, *
     if launch.resume is not None:
         check_resume(launch.resume, world)
     recipe = str(Path(recipe_path).resolve()) if recipe_path is not None else None
-    launch = replace(launch, recipe=recipe, strategy=None)  # the strategy travels as an override (resolve)
-    if launch.resume is None and cfg.launch.strategy:
-        launch = replace(launch, overrides=(*launch.overrides, f"launch.strategy={cfg.launch.strategy}"))
+    # every rank gets the resolved strategy (train_args); a resumed run has its own in config.yaml
+    launch = replace(launch, recipe=recipe, strategy=None if launch.resume is not None else cfg.launch.strategy)
     global_batch = cfg.train.batch_size * cfg.train.grad_accum * world
     procs = f"{world} process{'es' if world > 1 else ''}"
     console.print(f"strategy [bold]{cfg.launch.strategy}[/], {procs}; global batch {global_batch} "
