@@ -178,6 +178,19 @@ class TrainConfig(_Section):
         "last good checkpoint, or skip that optimizer step; either way the step and its batch rows are reported")
     divergence_grad_norm: float | None = Field(None, gt=0, description="a gradient norm above this counts as divergence "
                                                "(None: only non-finite ones)")
+    report_to: list[Literal["trackio", "tensorboard", "wandb", "mlflow"]] = Field(
+        [], description="experiment trackers that also get the training logs (none by default), local-first: logs in the "
+        "run directory's tracking/ unless the tracker's own environment variables say otherwise (train/tracking.py)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v):
+        """`none`, one tracker, a comma-separated string or a list, as TrainingArguments.report_to takes them."""
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [t.strip() for t in v.split(",") if t.strip()]
+        return [] if list(v) == ["none"] else v
 
 
 class EvalConfig(_Section):
@@ -229,6 +242,13 @@ class RunConfig(_Section):
         if self.eval.every_steps and self.method in ("dpo", "zo"):
             raise ValueError(f"eval.every_steps evaluates supervised fine-tuning runs (methods full, lora, qlora); "
                              f"method {self.method} evaluates before and after (zo: zo.eval_every): remove eval.every_steps")
+        return self
+
+    @model_validator(mode="after")
+    def _trackers_follow_the_trainer(self):
+        if self.train.report_to and self.method == "zo":
+            raise ValueError("train.report_to logs through the Trainer (methods full, lora, qlora, dpo); method zo runs its "
+                             "own loop and logs to metrics.jsonl in the run directory: remove train.report_to")
         return self
 
     def to_yaml(self) -> str:

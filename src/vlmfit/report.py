@@ -78,6 +78,8 @@ def write_report(run: RunDir) -> Path:
     if s.best is not None:
         lines.append(f"- best on the validation split: step {s.best['step']} ({s.best['metric']} {s.best['value']:.4g}; "
                      f"{s.best['evaluations']} evaluations, eval.every_steps {cfg.eval.every_steps}; curve beside the loss)")
+    if s.tracking:
+        lines.append("- tracking: " + "; ".join(f"{k} at `{v}`" for k, v in s.tracking.items()))
     if s.zo is not None:
         lines.append(f"- forward-only: {s.zo['optimizer']} on {s.zo['target']}, {s.zo['forward_passes']:,} forward passes"
                      + (f", {s.zo['outliers_skipped']} outlier estimates skipped" if s.zo["outliers_skipped"] else ""))
@@ -255,6 +257,8 @@ def write_html(run: RunDir, test_ds=None, limit: int = 12) -> Path:
     if s.best is not None:
         parts.append(f"<li>best on the validation split: step {s.best['step']} ({_esc(s.best['metric'])} "
                      f"{s.best['value']:.4g})</li>")
+    if s.tracking:
+        parts.append("<li>tracking: " + "; ".join(f"{_esc(k)} at <code>{_esc(v)}</code>" for k, v in s.tracking.items()) + "</li>")
     parts.append("</ul>")
     if (run.path / LOSS_PLOT).is_file():
         parts.append(f"<h2>Training</h2><img alt='loss curve' src='{_png(run.path / LOSS_PLOT)}' style='max-width:100%'>")

@@ -91,6 +91,7 @@ class RunSummary:
     resumed_from: list[int] | None = None  # the checkpoint steps this run was resumed from, in order
     divergence: list[dict] | None = None  # steps the divergence guard skipped or stopped at, with their rows
     best: dict | None = None  # eval.every_steps: the best evaluation on the validation split {step, metric, value}
+    tracking: dict | None = None  # train.report_to: where each tracker's logs went {tracker: place}
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunSummary":

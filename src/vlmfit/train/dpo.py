@@ -29,6 +29,7 @@ from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, ena
                                    resolve_for)
 from vlmfit.report import plot_loss, write_html, write_report
 from vlmfit.rundir import RunDir, RunSummary
+from vlmfit.train.tracking import require_trackers, track_locally
 from vlmfit.train.trainer import (DivergenceGuard, callbacks, note_uneven_epoch, final_loss, launch_arguments, open_run, param_counts,
                                   quiet_printing, rank_console, report_targets, require_disk_for_checkpoints, resume_point,
                                   run_training, shared_run_name, trainer_arguments, vlmfit_trainer, with_row_ids)
@@ -49,6 +50,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
     cfg = shared_run_name(cfg)
     with main_first():  # launched: rank 0 builds the caches and the run directory, then the other ranks read them
         check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
+        require_trackers(cfg)
         start_point = resume_point(resume) if resume else None
         if cfg.dpo.init_from:
             start_run(cfg)  # an init_from that is not a run directory fails before any data is prepared
@@ -101,6 +103,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
         resumed_from=[start_point[0]] if start_point else None, divergence=guard.events or None,
         dpo={"tuning": cfg.dpo.tuning, "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type, "reference": reference,
              "start": str(cfg.dpo.init_from or cfg.model.name), "pairs": data.kinds, "has_task": data.task_test is not None},
+        tracking=track_locally(cfg, run) or None,
     ))
     plot_loss(run)
     write_report(run)

@@ -28,6 +28,7 @@ from vlmfit.models.targets import enable_checkpointing, make_trainable
 from vlmfit.models.tiny.corpus import cache_home
 from vlmfit.report import plot_loss, write_html, write_report
 from vlmfit.rundir import RunDir, RunSummary
+from vlmfit.train.tracking import require_trackers, track_locally
 from vlmfit.train.trainer import (DivergenceGuard, EvalDuring, callbacks, note_uneven_epoch, final_loss, param_counts, quiet_printing, report_targets,
                                   launch_arguments, open_run, rank_console, require_disk_for_checkpoints, resume_point,
                                   run_training, shared_run_name, sync_towers, trainer_arguments, vlmfit_trainer,
@@ -43,6 +44,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     cfg = shared_run_name(cfg)
     with main_first():  # launched: rank 0 builds the caches and the run directory, then the other ranks read them
         check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
+        require_trackers(cfg)
         start = resume_point(resume) if resume else None
         splits = load_splits(cfg)
         require_chat(splits)
@@ -113,7 +115,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         **param_counts(model), train_examples=len(train_ds), test_examples=len(splits.test), weights=weights,
         label_method=LABEL_METHODS[collator.label_method], lengths=length_report,
         resumed_from=[start[0]] if start else None, divergence=guard.events or None,
-        best=during.best() if during is not None else None,
+        best=during.best() if during is not None else None, tracking=track_locally(cfg, run) or None,
     ))
     plot_loss(run)
     write_report(run)

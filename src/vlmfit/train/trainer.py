@@ -26,6 +26,7 @@ from vlmfit.models.targets import part_of
 from vlmfit.models.packing import unpack_inputs
 from vlmfit.models.towers import TowerSync
 from vlmfit.rundir import ENVIRONMENT, LAUNCH, LORA_TARGETS, SUMMARY, RunDir, environment
+from vlmfit.train.tracking import track_locally, tracker_arguments
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
 
@@ -33,6 +34,7 @@ OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-ada
 def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
     """The TrainingArguments every vlmfit recipe shares (SFT and DPO configs take them, plus their own)."""
     t = cfg.train
+    track_locally(cfg, run)
     use_cuda = torch.cuda.is_available()
     bf16 = t.precision == "bf16" or (t.precision == "auto" and use_cuda and torch.cuda.is_bf16_supported())
     return dict(
@@ -55,7 +57,6 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         save_strategy="steps",  # and at the end (the Trainer's rule for "steps")
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
-        report_to="none",
         seed=t.seed,
         disable_tqdm=True,
         # transformers' LengthGroupedSampler over the "length" column (chat/length.py measures it) when asked
@@ -68,6 +69,7 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         dataloader_pin_memory=use_cuda,
         # launched on CPUs (tests, CPU clusters): accelerate's MULTI_CPU with gloo, which it picks only with use_cpu
         use_cpu=not use_cuda and world_size() > 1,
+        **tracker_arguments(cfg, run),  # train.report_to; track_locally has pointed them at the run directory
     )
 
 
