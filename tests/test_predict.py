@@ -9,7 +9,7 @@ from rich.console import Console
 from vlmfit.evaluate.tasks import (bootstrap_ci, confusion_matrix, exact_match, relaxed_accuracy, score_answers,
                                    vqa_accuracy, vqa_normalize)
 
-from helpers import digit_image
+from helpers import digit_image, sample_video_files
 
 
 def flat(text: str) -> str:
@@ -98,14 +98,35 @@ def test_predict_on_images_a_data_source_and_a_run(vlmfit, digits, tmp_path):
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["predict", "tiny:qwen2_vl"], "give images or --data"),
-    (["predict", "tiny:qwen2_vl", "IMG", "--data", "builtin:mnist"], "give images or --data"),
+    (["predict", "tiny:qwen2_vl"], "give images or videos, or --data"),
+    (["predict", "tiny:qwen2_vl", "IMG", "--data", "builtin:mnist"], "give images or videos, or --data"),
+    (["predict", "tiny:qwen2_vl", "--videos", "IMG"], "--videos takes video files"),
+    (["predict", "tiny:qwen2_vl", "nothere.mp4"], "video file not found"),
+    (["predict", "tiny:smolvlm", "VIDEO"], "takes images, not videos"),
+    (["predict", "tiny:qwen2_vl", "VIDEO", "--fps", "0"], "--fps must be positive"),
     (["predict", "tiny:clip", "IMG"], "CLIP dual encoder"),
     (["predict", "tiny:qwen2_vl", "nothere.png"], "image file not found"),
     (["predict", "tiny:qwen2_vl", "--data", "DIGITS", "--split", "nosuch"], "no 'nosuch' split"),
 ])
 def test_predict_usage_errors(vlmfit, digits, tmp_path, args, expect):
     digit_image(0).save(tmp_path / "d.png")
-    args = [str(tmp_path / "d.png") if a == "IMG" else str(digits) if a == "DIGITS" else a for a in args]
+    video = str(sample_video_files()[0])
+    args = [str(tmp_path / "d.png") if a == "IMG" else str(digits) if a == "DIGITS" else video if a == "VIDEO" else a
+            for a in args]
     code, out, err = vlmfit(*args)
     assert code == 2 and expect in flat(err) and "Traceback" not in out + err, err
+
+
+def test_predict_on_videos_and_images_together_keeps_their_order(vlmfit, tmp_path):
+    """Videos (by extension, or --videos) get their frames sampled as for training and their own batches (a processor
+    batch cannot mix rows with and without images); the answers come back in the order the files were given."""
+    digit_image(0).save(tmp_path / "d.png")
+    clip = {p.name: p for p in sample_video_files()}["carphone_pristine.mp4"]  # 4 s at 29.97 fps
+    code, out, err = vlmfit("predict", "tiny:qwen2_vl", clip, tmp_path / "d.png", "--videos", clip, "--fps", "1",
+                            "--max-frames", "4", "--max-new-tokens", "3", "--out", tmp_path / "v.jsonl")
+    assert code == 0, err
+    rows = [json.loads(l) for l in (tmp_path / "v.jsonl").read_text().splitlines()]
+    assert [r.get("video") or r.get("image") for r in rows] == [str(clip), str(tmp_path / "d.png"), str(clip)]
+    assert rows[0]["frames"] == 4 and rows[0]["prompt"] == "Describe this video."
+    assert rows[1]["prompt"] == "Describe this image." and "frames" not in rows[1]
+    assert rows[0]["answer"] == rows[2]["answer"]  # the same clip, greedy: the same answer in either batch position

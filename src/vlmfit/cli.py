@@ -199,8 +199,11 @@ def demo(out: Annotated[Path, typer.Option(help="where run directories go")] = P
 
 @app.command()
 def predict(target: Annotated[str, typer.Argument(help="a model (hub id, directory, tiny:<family>), a run directory or a checkpoint")],
-            images: Annotated[Optional[list[Path]], typer.Argument(help="image files")] = None,
+            images: Annotated[Optional[list[Path]], typer.Argument(help="image or video files (videos by extension: .mp4, .mkv, .webm, ...)")] = None,
             more: Annotated[Optional[list[Path]], typer.Option("--images", help="image files (repeatable)")] = None,
+            videos: Annotated[Optional[list[Path]], typer.Option("--videos", help="video files (repeatable)")] = None,
+            fps: Annotated[float, typer.Option(help="videos: frames sampled per second")] = 2.0,
+            max_frames: Annotated[int, typer.Option(help="videos: at most this many frames, spread over the clip")] = 32,
             data: Annotated[Optional[str], typer.Option("--data", help="a data source instead of images (its rows' own questions)")] = None,
             task: Annotated[Optional[str], typer.Option(help="with --data from a raw source: how to read it (as in prepare)")] = None,
             split: Annotated[str, typer.Option(help="with --data: the split")] = "test",
@@ -212,13 +215,20 @@ def predict(target: Annotated[str, typer.Argument(help="a model (hub id, directo
     """Generate answers (greedy) with a model, a run or an export, on your images or a data source."""
     from vlmfit.evaluate.predict import predict as run_predict
 
-    rows = run_predict(target, list(images or []) + list(more or []), data, prompt, out, max_new_tokens, batch_size,
-                       split, limit, console, task)
+    from vlmfit.evaluate.predict import is_video
+
+    if bad := [str(p) for p in videos or [] if not is_video(p)]:
+        raise UserError(f"--videos takes video files; {bad[0]} is not one (by its extension)", where="--videos",
+                        hint="give .mp4, .mkv, .webm, .avi or .mov files, or pass images with --images")
+    if fps <= 0 or max_frames < 1:
+        raise UserError("--fps must be positive and --max-frames at least 1", where="--fps" if fps <= 0 else "--max-frames")
+    rows = run_predict(target, list(images or []) + list(more or []) + list(videos or []), data, prompt, out,
+                       max_new_tokens, batch_size, split, limit, console, task, fps, max_frames)
     table = Table(title=f"{len(rows)} answers")
     for col in ("input", "answer") + (("reference",) if rows and "reference" in rows[0] else ()):
         table.add_column(col)
     for r in rows[:20]:
-        table.add_row(r.get("image") or f"row {r['row']}", r["answer"], *((r["reference"],) if "reference" in r else ()))
+        table.add_row(r.get("image") or r.get("video") or f"row {r['row']}", r["answer"], *((r["reference"],) if "reference" in r else ()))
     console.print(table)
     if out is not None:
         console.print(f"written: {out}")

@@ -28,7 +28,7 @@ def constrained_predictions(model, collator: VisionChatCollator, examples: list[
     """For each example, the index of the label whose reply the model finds most likely."""
     device = _device(model)
     flat = [
-        {"messages": prompt_of(ex["messages"]) + [{"role": "assistant", "content": [text_part(lab)]}], "images": ex["images"]}
+        {**_media(ex), "messages": prompt_of(ex["messages"]) + [{"role": "assistant", "content": [text_part(lab)]}]}
         for ex in examples
         for lab in labels
     ]
@@ -46,10 +46,15 @@ def generate_answers(model, collator: VisionChatCollator, examples: list[dict], 
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         texts = [collator.render(prompt_of(ex["messages"]), add_generation_prompt=True) for ex in chunk]
-        batch = _to(collator.encode(texts, [list(ex["images"]) for ex in chunk], padding_side="left"), device)
+        batch = _to(collator.encode(texts, [list(ex["images"]) for ex in chunk], padding_side="left", examples=chunk), device)
         gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         out += tok.batch_decode(gen[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
+
+
+def _media(example: dict) -> dict:
+    """An example's images, and its videos with their timing where it has any."""
+    return {k: example[k] for k in ("images", "videos", "video_meta") if example.get(k) is not None}
 
 
 def evaluate_classification(model, collator: VisionChatCollator, dataset, labels: list[str], modes: list[str],
