@@ -130,9 +130,37 @@ output: {{dir: {tmp_path / 'runs'}, name: html}}
     assert (tmp_path / "report.png").stat().st_size > 10_000
     assert heads[:3] == ["Training", "Before and after training (95% intervals)",
                          "Confusion matrix after training (rows: true, columns: predicted)"]
+    assert "Accuracy per class (constrained)" in heads
     assert "constrained accuracy" in table
     flipped = [h for h in heads if h.startswith(("wrong to right", "right to wrong"))]
     assert flipped, heads  # 8 steps of LoRA at lr 5e-3 change some of the 8 test digits' answers
     assert images and images[0] == ["loss curve", True]
     assert all(ok for _, ok in images) and any(alt.startswith("test row") for alt, _ in images), images
     assert not errors and not requests, (errors, requests)
+
+
+def test_flipped_video_examples_show_frames_and_the_question(tmp_path):
+    """A video caption run's report.html: each flipped example shows a strip of its clip's frames (inline PNG) and
+    the question asked; the accuracy table and caption scores are there."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from vlmfit.data.builtin import _motion
+    from vlmfit.report import write_html
+
+    test = _motion(train=2, test=3, seed=5)["test"]
+    gold = [r["messages"][-1]["content"][0]["text"] for r in test]
+    run = finished_run(tmp_path, "vid", gold, [[g] for g in gold])
+    for when, answers in (("before", ["nothing"] * 3), ("after", [gold[0], "nothing", gold[2]])):
+        ev = run.evals()[0 if when == "before" else 1]
+        ev["gold"] = gold
+        ev["generate"].update(answers=answers, correct=[a == g for a, g in zip(answers, gold)])
+        run.write_eval(when, ev)
+    html = write_html(run, test).read_text()
+    assert html.count("<img alt='test row") == 2 and "wrong to right: 2 examples" in html
+    assert "Describe the video." in html
+    uri = html.split("<img alt='test row 0' src='")[1].split("'")[0]
+    strip = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert strip.height == 56 and strip.width == 4 * 56 + 3 * 2  # four 56 px frames side by side

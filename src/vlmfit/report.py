@@ -187,7 +187,7 @@ _CSS = """body{font:14px/1.45 system-ui,sans-serif;max-width:1100px;margin:24px 
 table{border-collapse:collapse;margin:8px 0 18px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}h1{font-size:22px}h2{font-size:17px;margin-top:28px}
 .flips{display:flex;flex-wrap:wrap;gap:10px}.flip{border:1px solid #ddd;padding:6px;width:200px;font-size:12px}
-.flip img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#000;display:block}
+.flip img{max-width:188px;height:96px;object-fit:contain;image-rendering:pixelated;background:#000;display:block}
 .good{color:#176d2c}.bad{color:#a3261b}.note{color:#666;font-size:12px}"""
 
 
@@ -224,6 +224,43 @@ def _answers(ev: dict | None) -> tuple[str, list[str], list[bool]] | None:
         if mode in ev and key in ev[mode] and "correct" in ev[mode]:
             return mode, ev[mode][key], ev[mode]["correct"]
     return None
+
+
+def _rate(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _thumbnail(row: dict, size: int = 96):
+    """A test row's picture for the report: its first image, or for a video up to four of its frames side by side
+    (in time order), each `size` px high at most."""
+    from PIL import Image
+
+    if row.get("images"):
+        img = row["images"][0].convert("RGB").copy()
+        img.thumbnail((size, size))
+        return img
+    frames = ((row.get("videos") or [[]])[0])
+    if not frames:
+        return None
+    pick = [frames[round(i * (len(frames) - 1) / 3)] for i in range(4)] if len(frames) > 4 else list(frames)
+    tiles = []
+    for f in pick:
+        f = f.convert("RGB").copy()
+        f.thumbnail((size, size))
+        tiles.append(f)
+    strip = Image.new("RGB", (sum(t.width for t in tiles) + 2 * (len(tiles) - 1), max(t.height for t in tiles)), "white")
+    x = 0
+    for t in tiles:
+        strip.paste(t, (x, 0))
+        x += t.width + 2
+    return strip
+
+
+def _question(row: dict) -> str:
+    """The user's words in a test row (the question a VQA answer is judged against)."""
+    users = [m for m in row.get("messages") or [] if m.get("role") == "user"]
+    content = users[-1]["content"] if users else []
+    return " ".join(p.get("text") or "" for p in content if p.get("type") == "text") if isinstance(content, list) else str(content)
 
 
 def flips(before: dict | None, after: dict | None) -> dict[str, list[dict]]:
@@ -288,16 +325,28 @@ def write_html(run: RunDir, test_ds=None, limit: int = 12) -> Path:
             for g, row in zip(conf["labels"], conf["counts"]))
         parts.append(f"<h2>Confusion matrix after training (rows: true, columns: predicted)</h2><table><tr><th></th>"
                      f"{head}</tr>{body}</table>")
+    per_class = [(mode, (before or {}).get(mode, {}).get("per_class") or {}, (after or {}).get(mode, {}).get("per_class") or {})
+                 for mode in ("constrained", "generate")]
+    per_class = [(m, b, a) for m, b, a in per_class if a or b]
+    if per_class:
+        mode, pb, pa = per_class[0]  # constrained when there is one: the label-set accuracy
+        classes = sorted(set(pb) | set(pa))
+        parts.append(f"<h2>Accuracy per class ({_esc(mode)})</h2><table><tr><th>class</th><th>before</th><th>after</th></tr>"
+                     + "".join(f"<tr><td>{_esc(c)}</td><td>{_rate(pb.get(c))}</td><td>{_rate(pa.get(c))}</td></tr>"
+                               for c in classes) + "</table>")
     changed = flips(before, after)
     if any(changed.values()):
         for kind, items in changed.items():
             cls = "good" if kind == "wrong to right" else "bad"
             parts.append(f"<h2 class={cls}>{_esc(kind)}: {len(items)} examples</h2><div class=flips>")
             for item in items[:limit]:
-                img = ""
-                if test_ds is not None and item["row"] < len(test_ds) and test_ds[item["row"]].get("images"):
-                    img = f"<img alt='test row {item['row']}' src='{_png(test_ds[item['row']]['images'][0], 96)}'>"
-                parts.append(f"<div class=flip>{img}<div>row {item['row']}: <b>{_esc(item['gold'])}</b></div>"
+                img, question = "", ""
+                if test_ds is not None and item["row"] < len(test_ds):
+                    row = test_ds[item["row"]]
+                    if (thumb := _thumbnail(row)) is not None:
+                        img = f"<img alt='test row {item['row']}' src='{_png(thumb)}'>"
+                    question = f"<div class=note>{_esc(_question(row))}</div>"
+                parts.append(f"<div class=flip>{img}{question}<div>row {item['row']}: <b>{_esc(item['gold'])}</b></div>"
                              f"<div>before: {_esc(item['before'])}</div><div class={cls}>after: {_esc(item['after'])}</div></div>")
             parts.append("</div>")
     parts.append("</body></html>\n")
