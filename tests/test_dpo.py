@@ -253,4 +253,7 @@ def test_dpo_log_probs_never_need_full_logits_and_equal_them(tmp_path, digits, f
     g_full = torch.autograd.grad(full.sum(), lora)
     assert torch.allclose(fused, full, rtol=1e-5, atol=1e-5), (fused, full)
     for a, b in zip(g_fused, g_full):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+        # fp32 sums in another order (tiles vs one matmul) differ by a few ulps of the largest summand, which depends
+        # on the CPU's kernels (CI's machine differed by 3.8e-6 on gradients of magnitude ~3): the tolerance is
+        # relative to the gradient's scale; a wrong position, label or soft-cap would differ by O(|b|)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=max(1e-6, 1e-5 * float(b.abs().max())))
