@@ -48,14 +48,10 @@ PLACES = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0
 SHAPES = ("circle", "square", "triangle")
 
 
-def _shape_scene(rng, size: int = 56):
-    """One coloured shape at one of five places, drawn with seeded jitter of position and size; its caption."""
-    from PIL import Image, ImageDraw
+def _draw_shape(img, shape: str, colour: str, cx: float, cy: float, r: float) -> None:
+    """A filled circle, square or triangle of half-size r centred at (cx, cy), drawn on img in place."""
+    from PIL import ImageDraw
 
-    colour, place, shape = rng.choice(list(COLOURS)), rng.choice(list(PLACES)), rng.choice(SHAPES)
-    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 40, 3)))
-    cx, cy = (c * size + rng.uniform(-3, 3) for c in PLACES[place])
-    r = size * rng.uniform(0.12, 0.17)
     draw = ImageDraw.Draw(img)
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
@@ -64,6 +60,17 @@ def _shape_scene(rng, size: int = 56):
         draw.rectangle(box, fill=COLOURS[colour])
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+
+
+def _shape_scene(rng, size: int = 56):
+    """One coloured shape at one of five places, drawn with seeded jitter of position and size; its caption."""
+    from PIL import Image
+
+    colour, place, shape = rng.choice(list(COLOURS)), rng.choice(list(PLACES)), rng.choice(SHAPES)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 40, 3)))
+    cx, cy = (c * size + rng.uniform(-3, 3) for c in PLACES[place])
+    r = size * rng.uniform(0.12, 0.17)
+    _draw_shape(img, shape, colour, cx, cy, r)
     return img, f"a {colour} {shape} at the {place}" if place != "center" else f"a {colour} {shape} in the center"
 
 
@@ -184,7 +191,7 @@ def _motion_clip(rng, path, frames: int = 8, fps: int = 8, size: int = 56) -> st
     PyAV; returns its caption."""
     import av
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
     colour, shape, motion = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(MOTIONS))
     (x0, y0), (x1, y1) = (np.array(p) * size + rng.uniform(-3, 3, 2) for p in MOTIONS[motion])
@@ -200,14 +207,7 @@ def _motion_clip(rng, path, frames: int = 8, fps: int = 8, size: int = 56) -> st
             t = i / (frames - 1)
             cx, cy = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
             img = Image.new("RGB", (size, size), background)
-            draw = ImageDraw.Draw(img)
-            box = (cx - r, cy - r, cx + r, cy + r)
-            if shape == "circle":
-                draw.ellipse(box, fill=COLOURS[colour])
-            elif shape == "square":
-                draw.rectangle(box, fill=COLOURS[colour])
-            else:
-                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+            _draw_shape(img, shape, colour, cx, cy, r)
             out.mux(stream.encode(av.VideoFrame.from_image(img)))
         out.mux(stream.encode())
     return f"a {colour} {shape} moves {motion}"
