@@ -186,10 +186,8 @@ MOTIONS = {"from the left to the right": ((0.2, 0.5), (0.8, 0.5)), "from the rig
 MOTION_FORMAT = 2  # bump when the clips change: they are rebuilt under a new directory (2: lossless)
 
 
-def _motion_clip(rng, path, frames: int = 8, fps: int = 8, size: int = 56) -> str:
-    """One clip: a coloured shape moving across the frame in a straight line (seeded jitter), H.264 in mp4 through
-    PyAV; returns its caption."""
-    import av
+def _motion_frames(rng, frames: int = 8, size: int = 56):
+    """One clip's frames: a coloured shape moving across the frame in a straight line (seeded jitter); its caption."""
     import numpy as np
     from PIL import Image
 
@@ -197,20 +195,27 @@ def _motion_clip(rng, path, frames: int = 8, fps: int = 8, size: int = 56) -> st
     (x0, y0), (x1, y1) = (np.array(p) * size + rng.uniform(-3, 3, 2) for p in MOTIONS[motion])
     r = size * rng.uniform(0.12, 0.15)
     background = tuple(int(v) for v in rng.integers(0, 40, 3))
+    images = []
+    for i in range(frames):
+        t = i / (frames - 1)
+        images.append(Image.new("RGB", (size, size), background))
+        _draw_shape(images[-1], shape, colour, x0 + t * (x1 - x0), y0 + t * (y1 - y0), r)
+    return images, f"a {colour} {shape} moves {motion}"
+
+
+def _write_clip(images, path, fps: int = 8) -> None:
+    """RGB frames as H.264 in mp4 through PyAV, losslessly (qp 0, after the conversion to 4:2:0 YUV): lossy x264
+    encodes of the same frames decoded differently from build to build (3 of 2,100 clips, by up to 3 levels),
+    enough to move a from-scratch run; lossless ones decode to exactly the YUV frames that went in."""
+    import av
+
     with av.open(str(path), "w") as out:
-        # lossless (qp 0): lossy x264 encodes of the same frames decoded differently from build to build (3 of
-        # 2,100 clips, by up to 3 levels), enough to move a from-scratch run; lossless ones decode to the frames drawn
         stream = out.add_stream("libx264", rate=fps, options={"qp": "0", "preset": "veryfast"})
-        stream.width = stream.height = size
+        stream.width, stream.height = images[0].size
         stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            t = i / (frames - 1)
-            cx, cy = x0 + t * (x1 - x0), y0 + t * (y1 - y0)
-            img = Image.new("RGB", (size, size), background)
-            _draw_shape(img, shape, colour, cx, cy, r)
+        for img in images:
             out.mux(stream.encode(av.VideoFrame.from_image(img)))
         out.mux(stream.encode())
-    return f"a {colour} {shape} moves {motion}"
 
 
 MOTION_QUESTION = "Describe the video."
@@ -240,7 +245,8 @@ def _motion(train: int = 2000, test: int = 100, seed: int = 0):
         captions = {f"{split}/{i:05d}.mp4": None for split, n in (("train", train), ("test", test)) for i in range(n)}
         for rel in captions:
             (tmp / rel).parent.mkdir(exist_ok=True)
-            captions[rel] = _motion_clip(rng, tmp / rel)
+            images, captions[rel] = _motion_frames(rng)
+            _write_clip(images, tmp / rel)
         (tmp / "captions.json").write_text(json.dumps(captions, indent=0))
         shutil.rmtree(home, ignore_errors=True)
         tmp.rename(home)
