@@ -156,8 +156,8 @@ def run_one(family: str, method: str, ckpt: bool, answer_only: bool = False, lea
         from vlmfit.chat.rows import pack_rows, split_batch
         from vlmfit.models.packing import unpack_inputs
 
-        rows = split_batch(batch, [1] * BATCH, [[]] * BATCH, loaded.family.images_per_row)
-        plan_batch = pack_rows(rows, loaded.family.images_per_row)
+        rows = split_batch(batch, [1] * BATCH, [[]] * BATCH, loaded.family)
+        plan_batch = pack_rows(rows, loaded.family)
         batch = unpack_inputs(model, plan_batch, loaded.family)
     t0 = time.perf_counter()
     m = measure_steps(model, batch, opt, steps=2, lean=lean)

@@ -44,3 +44,28 @@ def digits(tmp_path_factory):
     datasets.DatasetDict({"train": mnist["train"].select(range(16)), "test": mnist["test"].select(range(8))}).save_to_disk(str(out))
     (out / "prepare_report.json").write_text("{}")
     return out
+
+
+# Reply lengths in words for the `replies` fixture, one per example in turn: 2, 4, 9 and 23 labelled tokens (end of
+# turn included) with the tiny Qwen2-VL, so micro-batches differ in how many tokens they label.
+REPLY_WORDS = (1, 3, 7, 12)
+_FILLER = "it is clearly the handwritten digit that a careful reader sees".split()
+
+
+@pytest.fixture(scope="session")
+def replies(digits, tmp_path_factory):
+    """The `digits` dataset with replies of different lengths ("four", "it is four", ... 12 words ending in the
+    digit): a per-micro-batch mean of the loss differs from the global batch's token mean only on such data."""
+    import datasets
+
+    def lengthen(ex, i):
+        messages = ex["messages"]
+        answer = messages[-1]["content"][0]["text"]
+        messages[-1]["content"][0]["text"] = " ".join(_FILLER[:REPLY_WORDS[i % len(REPLY_WORDS)] - 1] + [answer])
+        return {"messages": messages}
+
+    out = tmp_path_factory.mktemp("replies")
+    d = datasets.load_from_disk(str(digits))
+    datasets.DatasetDict({"train": d["train"].map(lengthen, with_indices=True), "test": d["test"]}).save_to_disk(str(out))
+    (out / "prepare_report.json").write_text("{}")
+    return out

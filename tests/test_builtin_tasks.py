@@ -51,11 +51,11 @@ def _centroid(frame, rgb) -> np.ndarray:
 
 
 def test_motion_clips_move_the_way_their_captions_say():
-    from vlmfit.models.tiny.corpus import cache_home
+    from vlmfit.cache import cache_dir
 
     ds = _motion(train=6, test=3, seed=5)
     assert len(ds["train"]) == 6 and len(ds["test"]) == 3
-    files = sorted((cache_home() / "builtin" / f"motion-v{MOTION_FORMAT}-5-6-3").rglob("*.mp4"))
+    files = sorted((cache_dir("builtin") / f"motion-v{MOTION_FORMAT}-5-6-3").rglob("*.mp4"))
     assert len(files) == 9 and all(f.stat().st_size > 0 for f in files)
     for row in list(ds["train"]) + list(ds["test"]):
         caption = row["messages"][-1]["content"][0]["text"]

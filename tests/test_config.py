@@ -1,5 +1,7 @@
+import re
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from vlmfit.config import load_config
@@ -42,7 +44,7 @@ def test_wrong_type_names_key(tmp_path):
 def test_overrides_and_frozen(tmp_path):
     cfg = load_config(write(tmp_path, "model: {name: tiny:qwen2_vl}\n"), ["train.lr=0.5", "method=full", "lora.scope=[language, vision]"])
     assert cfg.train.lr == 0.5 and cfg.method == "full" and cfg.lora.scope == ["language", "vision"]
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         cfg.train.lr = 1.0  # validated configs are immutable
     with pytest.raises(UserError):
         load_config(write(tmp_path, "model: {name: x}\n"), ["train.lr"])
@@ -52,3 +54,27 @@ def test_bad_yaml_points_at_line(tmp_path):
     with pytest.raises(UserError) as e:
         load_config(write(tmp_path, "model:\n  name: [unclosed\n"))
     assert "r.yaml:" in str(e.value)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["method=dpo", "train.loss_on=all"], "DPO compares the final replies of each pair"),
+    (["method=dpo", "dpo.tuning=full", "model.quantization=4bit"], "cannot be trained in full (dpo.tuning)"),
+    (["method=full", "model.quantization=8bit"], "cannot be trained in full (method)"),
+    (["method=dpo", "dpo.pairs_from_labels=mixed", "data.task=preference"], "data.task is preference"),
+    (["method=zo", "zo.optimizer=coop", "zo.target=lora"], "coop is backprop prompt tuning"),
+])
+def test_method_option_refusals_are_config_errors(sets, message):
+    """Combinations a method cannot run are refused when the recipe loads (config.py), before any model or data."""
+    with pytest.raises(UserError, match=re.escape(message)):
+        load_config(base={"model": {"name": "tiny:qwen2_vl"}}, overrides=sets)
+
+
+def test_derived_facts_are_properties_of_the_config():
+    """The quantization a run trains on and whether a launch shards its weights are derived once, in config.py."""
+    cfg = lambda *sets: load_config(base={"model": {"name": "tiny:qwen2_vl"}}, overrides=list(sets))  # noqa: E731
+    assert cfg("method=qlora").quantization == "4bit"
+    assert cfg("method=lora", "model.quantization=8bit").quantization == "8bit"
+    assert cfg("method=lora").quantization == "none"
+    assert cfg("method=dpo", "dpo.tuning=full").full_weights and not cfg("method=dpo").full_weights
+    assert cfg("launch.strategy=zero3").launch.sharded and cfg("launch.strategy=fsdp").launch.sharded
+    assert not cfg("launch.strategy=zero2").launch.sharded and not cfg().launch.sharded

@@ -11,11 +11,10 @@ def test_eval_results_are_reused_until_weights_data_or_settings_change(vlmfit, d
     import datasets
 
     from vlmfit.evaluate import eval as ev
-    from vlmfit.models.tiny import corpus
 
     model = tmp_path / "model"
     shutil.copytree(tiny_path("qwen2_vl"), model)  # an exported-model directory: files the test can change
-    monkeypatch.setattr(corpus, "cache_home", lambda: tmp_path / "cache")
+    monkeypatch.setenv("VLMFIT_CACHE", str(tmp_path / "cache"))  # after tiny_path: the model is built already
     calls = []
     real = ev.evaluate_chat
     monkeypatch.setattr(ev, "evaluate_chat", lambda *a: calls.append(1) or real(*a))

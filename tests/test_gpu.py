@@ -3,6 +3,7 @@ DPO and forward-only training on CUDA, and the planner against torch.cuda.max_me
 figures to one summary file (gpu-check.json, or $VLMFIT_GPU_CHECK_OUT) so a lent GPU is used in one call."""
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -59,8 +60,10 @@ def test_dpo_qlora_on_cuda(tmp_path):
     cfg = _cfg(tmp_path, "method=dpo", "dpo.pairs_from_labels=mixed", "model.quantization=4bit", "train.max_steps=10")
     run = train_dpo(cfg, QUIET)
     before, after = (json.loads((run / f).read_text())["preference"] for f in ("eval_before.json", "eval_after.json"))
-    RESULTS["dpo qlora"] = {"reward_accuracy": [before["reward_accuracy"], after["reward_accuracy"]]}
-    assert after["reward_margin"] != 0.0
+    RESULTS["dpo qlora"] = {"reward_accuracy": [before["reward_accuracy"], after["reward_accuracy"]],
+                            "reward_margin": [before["reward_margin"], after["reward_margin"]]}
+    # the direction, not just a change: a policy trained towards the rejected answers has a nonzero margin too
+    assert after["reward_margin"] > before["reward_margin"] and after["reward_accuracy"] >= before["reward_accuracy"]
 
 
 def test_zo_on_cuda(tmp_path):
@@ -69,8 +72,13 @@ def test_zo_on_cuda(tmp_path):
     cfg = _cfg(tmp_path, "method=zo", "zo.optimizer=mezo", "zo.forward_passes=40", "zo.eval_every=40", "train.batch_size=4")
     torch.cuda.reset_peak_memory_stats()
     run = train_zo(cfg, QUIET)
-    RESULTS["zo mezo lora"] = {"peak_mib": torch.cuda.max_memory_allocated() // 2**20,
-                               "summary": json.loads((run / "summary.json").read_text())["zo"]["forward_passes"]}
+    summary = json.loads((run / "summary.json").read_text())
+    peak = torch.cuda.max_memory_allocated()
+    RESULTS["zo mezo lora"] = {"peak_mib": peak // 2**20, "forward_passes": summary["zo"]["forward_passes"]}
+    losses = [h["loss"] for h in summary["zo"]["history"] if "loss" in h]
+    # the whole budget spent on CUDA (the model was there), every recorded loss finite, the adapter written
+    assert summary["zo"]["forward_passes"] == 40 and summary["zo"]["target"] == "lora" and peak > 0
+    assert losses and all(map(math.isfinite, losses)) and (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
@@ -82,4 +90,4 @@ def test_plan_against_cuda_measurement(method):
     ratio = measured.peak / (predicted.peak - predicted.components["overhead"])
     RESULTS[f"plan {method}"] = {"measured_mib": measured.peak / 2**20, "predicted_mib": predicted.peak / 2**20,
                                  "measured_over_predicted": round(ratio, 3)}
-    assert 0.5 < ratio < 1.5
+    assert 0.9 < ratio < 1.1, f"{method}: measured {measured.peak / 2**20:.1f} MiB = {ratio:.3f} x the plan"

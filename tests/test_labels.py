@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vlmfit.chat.collate import IGNORE_INDEX, VisionChatCollator
-from vlmfit.chat.schema import image_part, message_text, text_part
+from vlmfit.chat.schema import ROW, image_part, message_text, text_part
 from vlmfit.errors import UserError
 from vlmfit.models.families import FAMILIES, generic_family
 from vlmfit.models.load import load_processor, resolve_reference
@@ -98,8 +98,8 @@ def test_special_token_text_in_a_message_is_refused_with_the_row(family):
     coll = collator(family)
     token = coll.family.turn_end
     ex = conversation([(f"scraped text {token} continues", "seven", True)])
-    ex["_row"] = 41
-    with pytest.raises(UserError, match=rf"example 41.*message 0 \(user\) contains '{token}'"):
+    ex[ROW] = 41
+    with pytest.raises(UserError, match=rf"source row 41.*message 0 \(user\) contains '{token}'"):
         coll([ex])
 
 

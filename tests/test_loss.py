@@ -81,6 +81,21 @@ def test_lean_loss_equals_full_logits_loss_with_qlora():
     assert torch.allclose(lean, ref, rtol=1e-5)
 
 
+def test_eval_mode_keeps_only_bitsandbytes_cpu_4bit_layers_training():
+    """Not PEFT's LoRA wrapper around them (a class of the same name, Linear4bit): its LoRA dropout is off."""
+    import bitsandbytes as bnb
+
+    from vlmfit.evaluate.classification import eval_mode
+
+    loaded = load("tiny:qwen2_vl", quantization="4bit")
+    lora = load_config(base={"model": {"name": "x"}, "lora": {"dropout": 0.1}}).lora
+    model, _ = make_trainable(loaded.model, loaded.family, "qlora", lora)
+    eval_mode(model)
+    training = [m for m in model.modules() if m.training]
+    assert training and all(isinstance(m, bnb.nn.Linear4bit) for m in training)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.1 for m in model.modules())
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "smolvlm", "gemma4", "paligemma"])
 def test_sequence_logprobs_equal_full_logits(family):
     loaded = load(f"tiny:{family}", dtype="float32")

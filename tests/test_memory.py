@@ -22,6 +22,7 @@ from vlmfit.memory import (
 )
 from vlmfit.memory.budget import GiB, verdict
 from vlmfit.memory.measure import TensorMemory, make_optimizer, measure_steps, predict_for_batch
+from vlmfit.models.tiny import TINY_FAMILIES
 
 RECIPES = Path(__file__).parents[1] / "src" / "vlmfit" / "recipes"
 _SHAPES: dict = {}
@@ -276,3 +277,29 @@ def test_plan_counts_logits_over_labelled_tokens_only():
     assert logits[64] < logits[512] < 0.25 * off.components["logits + loss"]
     assert off.components["logits + loss"] / 2**30 == pytest.approx(7.96, abs=0.01)  # batch x seq x 262k vocab
     assert plan_memory(cfg, text_tokens=2048, shape=shape).peak < 0.65 * off.peak
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fp32_norms_are_the_norms_that_scale_by_their_weight_in_fp32(family):
+    """Family.fp32_norms (the planner counts an fp32 copy at each: memory/shape.py) names exactly the RMSNorm classes
+    of the family's model that scale in fp32: in bf16 such a norm gives its fp32 result rounded once; one that
+    scales in bf16 (Llama's w * x.to(bf16)) rounds twice, and some elements differ."""
+    import copy
+
+    from vlmfit.models.load import load
+
+    loaded = load(f"tiny:{family}", "float32")
+    torch.manual_seed(0)
+    seen, in_fp32 = set(), set()
+    for m in loaded.model.modules():
+        name = type(m).__name__
+        if "RMSNorm" not in name or name in seen or "weight" not in dict(m.named_parameters(recurse=False)):
+            continue
+        seen.add(name)
+        ref = copy.deepcopy(m).float()
+        with torch.no_grad():
+            ref.weight.copy_(torch.randn_like(ref.weight).bfloat16().float())  # the same weights in both dtypes
+        x = torch.randn(16, ref.weight.shape[0]).bfloat16()
+        if torch.equal(copy.deepcopy(ref).bfloat16()(x), ref(x.float()).bfloat16()):
+            in_fp32.add(name)
+    assert seen and in_fp32 == seen & set(loaded.family.fp32_norms), (seen, in_fp32)

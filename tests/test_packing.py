@@ -171,13 +171,46 @@ def test_one_processor_call_splits_into_the_single_example_encodings(family):
         sets.append(_video_examples())
     for exs in sets:
         pieces = split_batch(chat(exs), [len(e["images"]) for e in exs], [[len(v) for v in e.get("videos") or []] for e in exs],
-                             loaded.family.images_per_row)
+                             loaded.family)
         assert pieces is not None
         for piece, ex in zip(pieces, exs):
             alone = chat([ex])
             assert set(piece) == set(alone), (set(piece) ^ set(alone))
             for k in alone:
                 assert piece[k].dtype == alone[k].dtype and torch.equal(piece[k], alone[k]), k
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_family_table_names_exactly_the_sequence_tensors_its_processor_returns(family):
+    """chat/rows.py pads, packs and splits along the sequence the tensors of pad_values(family) (the family's
+    sequence_inputs, with input_ids, attention_mask and labels) and treats every other one as per image: a
+    [batch, tokens] output missing from the table would be cut as if per image, and a name in it that the processor
+    never returns is a stale fact. Images, text only, and videos where the family takes them."""
+    from vlmfit.chat.rows import pad_values
+    from vlmfit.models.load import check_model, family_for, load_processor
+
+    ref, model_type = check_model(f"tiny:{family}")
+    processor = load_processor(ref)
+    fam = family_for(model_type, processor, f"tiny:{family}")
+    chat = VisionChatCollator(processor, fam)
+    sets = [_examples(fam)]
+    if fam.prompt_style == "chat":
+        sets.append([chat_example("Say hi.", "hi", []), chat_example("Count to three, please.", "one two three", [])])
+    if fam.video_token:
+        sets.append(_video_examples())
+    for exs in sets:
+        batch = chat(exs)
+        tokens = tuple(batch["input_ids"].shape)
+        assert {k for k, v in batch.items() if tuple(v.shape[:2]) == tokens} == set(pad_values(fam)), sorted(batch)
+
+
+def test_generic_family_pads_every_known_sequence_tensor():
+    from vlmfit.chat.rows import pad_values
+    from vlmfit.models.families import generic_family
+
+    known = {k for f in FAMILIES.values() for k in pad_values(f)}
+    assert set(pad_values(generic_family("mystery_vl"))) == known == {
+        "input_ids", "attention_mask", "labels", "token_type_ids", "mm_token_type_ids"}
 
 
 def test_cache_is_reused_across_processes_and_keyed_by_model_resolution_and_data(tmp_path):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import datasets
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vlmfit.config import DataConfig
-from vlmfit.data.prepare import load_dataset_source, prepare
+from vlmfit.data.prepare import load_dataset_source, prepare, prepared_status
 from vlmfit.errors import UserError
 
 from helpers import digit_image
@@ -207,26 +208,99 @@ def test_unknown_class_and_missing_named_column(tmp_path):
         prepare(DataConfig(source=str(tmp_path / "d" / "c.jsonl"), label_column="kind"), tmp_path / "o2")
 
 
-def test_recipe_trains_on_a_raw_source(tmp_path):
-    """data.source may point at raw files: they are prepared (and cached) on the way into training."""
+def test_recipe_trains_on_a_raw_source(tmp_path, monkeypatch):
+    """data.source may point at raw files: they are prepared (and cached, under $VLMFIT_CACHE) on the way into
+    training."""
     from rich.console import Console
 
     from vlmfit.config import load_config
+    from vlmfit.models.tiny import tiny_path
     from vlmfit.train.sft import train_sft
 
     for cls in ("even", "odd"):
         write_digits(tmp_path / "folder" / cls, 6)
-    cfg = load_config(base={"model": {"name": "tiny:qwen2_vl"}}, overrides=[
+    cfg = load_config(base={"model": {"name": str(tiny_path("qwen2_vl"))}}, overrides=[
         f"data.source={tmp_path / 'folder'}", "data.test_fraction=0.25", "method=full", "train.max_steps=2",
         "train.batch_size=2", f"output.dir={tmp_path / 'runs'}", "output.name=r"])
+    monkeypatch.setenv("VLMFIT_CACHE", str(tmp_path / "cache"))  # after tiny_path: the model is built already
     run_dir = train_sft(cfg, Console(quiet=True))
     after = json.loads((run_dir / "eval_after.json").read_text())
     assert after["labels"] == ["even", "odd"] and after["n"] >= 1
-    (cached,) = list((tmp_path / "runs" / ".prepared").iterdir())
-    assert (cached / "prepare_report.json").is_file()
+    cached = prepared_status(cfg.data).entry
+    assert cached.is_relative_to(tmp_path / "cache" / "prepared") and (cached / "prepare_report.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]  # nothing cached beside the runs
     mtime = (cached / "prepare_report.json").stat().st_mtime_ns
-    again = load_dataset_source(cfg.data, tmp_path / "runs" / ".prepared")  # reused, not prepared a second time
+    again = load_dataset_source(cfg.data)  # reused, not prepared a second time
     assert (cached / "prepare_report.json").stat().st_mtime_ns == mtime and len(again["test"]) == after["n"]
+
+
+# -- the prepared-data cache: keyed by every file the preparation reads (issue 29) ------------------------------
+def _save_digits(folder, indices):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in indices:
+        digit_image(i).save(folder / f"d{i}.png")
+
+
+def test_the_prepared_cache_is_under_vlmfit_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLMFIT_CACHE", str(tmp_path / "cache"))
+    for cls in ("cat", "dog"):
+        write_digits(tmp_path / "pets" / cls, 2)
+    cfg = DataConfig(source=str(tmp_path / "pets"), test_fraction=0.0, val_fraction=0.0)
+    assert len(load_dataset_source(cfg)["train"]) == 4
+    entries = list((tmp_path / "cache" / "prepared").rglob("prepare_report.json"))
+    assert [p.parent for p in entries] == [prepared_status(cfg).entry]
+
+
+def test_prepared_data_is_keyed_by_every_file_it_reads(tmp_path, monkeypatch, capsys):
+    """A class folder grown in a subfolder, an image overwritten in place, an annotation file rewritten at the same
+    size and mtime: each prepares again and says what changed; an unchanged source is reused."""
+    monkeypatch.setenv("VLMFIT_CACHE", str(tmp_path / "cache"))
+
+    def load(cfg):
+        ds = load_dataset_source(cfg)
+        return ds["train"], " ".join(capsys.readouterr().err.split())
+
+    _save_digits(tmp_path / "pets" / "cat", [0, 1, 2])
+    _save_digits(tmp_path / "pets" / "dog", [500, 501, 502])
+    folder = DataConfig(source=str(tmp_path / "pets"), test_fraction=0.0, val_fraction=0.0)
+    assert len(load(folder)[0]) == 6
+    _save_digits(tmp_path / "pets" / "cat" / "more", [3, 4])  # listed recursively, as the reader lists them
+    train, err = load(folder)
+    assert len(train) == 8 and "data changed since the cached preparation: preparing again (2 files added)" in err
+    (tmp_path / "pets" / "dog" / "d500.png").rename(tmp_path / "pets" / "dog" / "renamed.png")
+    train, err = load(folder)
+    assert "preparing again (1 file added, 1 file removed)" in err
+    train, err = load(folder)
+    assert len(train) == 8 and "preparing again" not in err and prepared_status(folder).why is None
+    assert len([p for p in prepared_status(folder).entry.parent.iterdir() if p.is_dir()]) == 1  # the stale copies went
+
+    names = write_digits(tmp_path / "data" / "img", 3)
+    rows = [{"image": f"img/{n}", "question": "Which digit?", "answer": f"digit {i}"} for i, n in enumerate(names)]
+    annotations = tmp_path / "data" / "qa.jsonl"
+    annotations.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    qa = DataConfig(source=str(annotations), task="vqa", test_fraction=0.0, val_fraction=0.0)
+    train, _ = load(qa)
+    first = {r["source_row"]: np.asarray(r["images"][0]) for r in train}
+    digit_image(4321).save(tmp_path / "data" / "img" / names[1])  # other pixels under the same name
+    train, err = load(qa)
+    now = {r["source_row"]: np.asarray(r["images"][0]) for r in train}
+    assert np.array_equal(now[1], np.asarray(digit_image(4321))) and not np.array_equal(now[1], first[1])
+    assert "preparing again (1 file changed)" in err
+    stamp = annotations.stat().st_mtime_ns
+    annotations.write_text(annotations.read_text().replace("digit 2", "digit 9"))
+    os.utime(annotations, ns=(stamp, stamp))  # the same size and mtime: only the content says it changed
+    train, err = load(qa)
+    assert {r["messages"][-1]["content"][0]["text"] for r in train} == {"digit 0", "digit 1", "digit 9"}
+    assert "preparing again (1 file changed)" in err
+
+    from vlmfit import cache
+
+    versions = {**cache.library_versions(), "Pillow": "1.0"}
+    monkeypatch.setattr(cache, "library_versions", lambda: versions)
+    assert "library versions changed since the cached preparation: preparing again (Pillow " in load(qa)[1]
+    monkeypatch.setattr(cache, "code_fingerprint", lambda: "edited")
+    assert "vlmfit's code changed since the cached preparation: preparing again" in load(qa)[1]
+    assert "preparing again" not in load(qa)[1]
 
 
 def _video_source(tmp_path):

@@ -53,14 +53,16 @@ KILLER = textwrap.dedent("""\
             if where == "step" and state.global_step == k:
                 os.kill(os.getpid(), sig)
 
+    import vlmfit.train.trainer as trainer
+    made = trainer.trainer_callbacks
+    trainer.trainer_callbacks = lambda run, guard, cfg: [Kill()] + made(run, guard, cfg)
     import vlmfit.train.dpo as dpo
-    made = sft.callbacks
-    sft.callbacks = dpo.callbacks = lambda run, guard: [Kill()] + made(run, guard)
+    sft.trainer_callbacks = dpo.trainer_callbacks = trainer.trainer_callbacks
     complete = RunDir.complete_checkpoint
-    def complete_or_die(self, step, info):
+    def complete_or_die(self, step, info, keep=None):
         if where == "save" and step == k:
             os.kill(os.getpid(), sig)
-        return complete(self, step, info)
+        return complete(self, step, info, keep)
     RunDir.complete_checkpoint = complete_or_die
     sys.argv = ["vlmfit", "train", path]
     from vlmfit.cli import main
@@ -209,12 +211,29 @@ def test_a_nan_is_caught_with_its_step_and_rows(vlmfit, digits, tmp_path, monkey
         assert all(torch.isfinite(t).all() for t in weights(run.path, "lora").values())  # the bad steps never applied
 
 
+def refused_alike(vlmfit, cli_args: list, setup=lambda: None, **api) -> str:
+    """`vlmfit train ARGS` and vlmfit.train(**api) refuse with the same message (the CLI: exit 2, no traceback);
+    `setup` puts the run back as it was before each (a refusal may tidy it: incomplete checkpoints go)."""
+    import vlmfit as package
+    from vlmfit.errors import UserError
+
+    setup()
+    code, out, err = vlmfit("train", *cli_args)
+    setup()
+    with pytest.raises(UserError) as refused:
+        package.train(**api)
+    assert code == 2 and "Traceback" not in err, err
+    bare = lambda text: "".join(text.split())  # noqa: E731 (rich wraps long paths mid-word)
+    assert bare(refused.value.render()) in bare(err), (refused.value.render(), err)
+    return flat(err)
+
+
 def test_resume_refuses_what_it_cannot_continue_exactly(vlmfit, reference, digits, tmp_path, monkeypatch):
+    """Each refusal, from the CLI and from the Python API alike (train/api.py is the CLI's own code path)."""
     import shutil
 
     finished = reference["lora"]
-    code, out, err = vlmfit("train", "--resume", finished)
-    assert code == 2 and "this run finished" in flat(err)
+    assert "this run finished" in refused_alike(vlmfit, ["--resume", finished], resume=finished)
     # an unfinished copy of it (summary removed) resumes only with the same package versions and process count
     run = tmp_path / "copy"
     shutil.copytree(finished, run)
@@ -222,22 +241,27 @@ def test_resume_refuses_what_it_cannot_continue_exactly(vlmfit, reference, digit
     env = json.loads((run / "environment.json").read_text())
     env["packages"]["transformers"] = "4.0.0"
     (run / "environment.json").write_text(json.dumps(env))
-    code, out, err = vlmfit("train", "--resume", run)
-    text = " ".join(err.split())
-    assert code == 2 and "transformers 4.0.0 ->" in text, text
+    assert "transformers 4.0.0 ->" in refused_alike(vlmfit, ["--resume", run], resume=run)
     shutil.copy(finished / "environment.json", run / "environment.json")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, out, err = vlmfit("train", "--resume", run)
-    assert code == 2 and "written by 1 processes, this is 2" in flat(err)
+    assert "written by 1 processes, this is 2" in refused_alike(vlmfit, ["--resume", run], resume=run)
     monkeypatch.delenv("WORLD_SIZE")
-    for p in (run / "checkpoints").glob("checkpoint-*"):
-        (p / CHECKPOINT_DONE).unlink()  # every checkpoint incomplete
-    code, out, err = vlmfit("train", "--resume", run)
-    assert code == 2 and "no complete checkpoint" in flat(err)
-    code, out, err = vlmfit("train", "recipes/demo.yaml", "--resume", run)
-    assert code == 2 and "--resume continues a run with its own recipe" in flat(err)
-    code, out, err = vlmfit("train", "--resume", tmp_path / "nowhere")
-    assert code == 2 and "not a run directory" in flat(err)
+
+    def incomplete():
+        shutil.rmtree(run)
+        shutil.copytree(finished, run)
+        (run / "summary.json").unlink()
+        for p in (run / "checkpoints").glob("checkpoint-*"):
+            (p / CHECKPOINT_DONE).unlink()  # every checkpoint incomplete
+
+    text = refused_alike(vlmfit, ["--resume", run], setup=incomplete, resume=run)
+    assert "no complete checkpoint" in text and "was incomplete" in text and all(f"checkpoint-{s}" in text for s in (6, 8))
+    assert "--resume continues a run with its own recipe" in refused_alike(
+        vlmfit, ["recipes/demo.yaml", "--resume", run], recipe="recipes/demo.yaml", resume=run)
+    assert "--resume continues a run with its own recipe" in refused_alike(
+        vlmfit, ["--resume", run, "--set", "train.lr=1"], overrides=["train.lr=1"], resume=run)
+    assert "not a run directory" in refused_alike(vlmfit, ["--resume", tmp_path / "nowhere"], resume=tmp_path / "nowhere")
+    assert "Missing argument 'RECIPE'" in refused_alike(vlmfit, [])
 
 
 def test_an_existing_run_directory_is_never_overwritten_without_overwrite(vlmfit, digits, tmp_path):
@@ -255,26 +279,26 @@ def test_too_little_disk_is_refused_before_training_and_a_full_disk_mid_run_is_o
     import shutil
     from collections import namedtuple
 
-    import vlmfit.train.trainer as trainer_module
+    import vlmfit.train.run as run_module
 
     usage = namedtuple("usage", "total used free")
     real = shutil.disk_usage
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(run_module.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
     code, out, err = vlmfit("train", recipe(tmp_path, digits, "small"))
     text = " ".join(err.split())
     assert code == 2 and "0.0 MiB free on the disk" in text and "a checkpoint needs about" in text, text
     assert not (tmp_path / "runs" / "small").exists()  # refused before the run directory was made
-    monkeypatch.setattr(trainer_module.shutil, "disk_usage", real)
+    monkeypatch.setattr(run_module.shutil, "disk_usage", real)
 
     # the disk fills while checkpoint-4 is written: the run ends with the last complete checkpoint intact
     from vlmfit.rundir import RunDir as R
 
     complete = R.complete_checkpoint
 
-    def full_at_4(self, step, info):
+    def full_at_4(self, step, info, keep=None):
         if step == 4:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return complete(self, step, info)
+        return complete(self, step, info, keep)
 
     monkeypatch.setattr(R, "complete_checkpoint", full_at_4)
     code, out, err = vlmfit("train", recipe(tmp_path, digits, "full-disk"))
@@ -341,3 +365,47 @@ def test_a_killed_zo_run_resumes_its_cma_es_state_seeds_and_budget(vlmfit, tmp_p
     stage = {r["step"]: r.get("stage") for r in ra["zo"]["history"]}[rb["resumed_from"][0]]
     assert stage == ("cma-es" if kill_at < 200 else "sparse-zo")  # 20 generations x 10 passes, then sparse ZO
     assert [r["step"] for r in RunDir(cut).metrics()] == [r["step"] for r in RunDir(ref).metrics()]  # no repeats, no gaps
+
+
+ZO_TERM = textwrap.dedent("""\
+    import os, signal, sys
+    from vlmfit.train import zo
+    path, at = sys.argv[1], int(sys.argv[2])
+    record = zo.Budget._record
+    def record_then_term(self, stage):
+        record(self, stage)
+        if self.used == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    zo.Budget._record = record_then_term
+    sys.argv = ["vlmfit", "train", path]
+    from vlmfit.cli import main
+    main()
+    """)
+
+
+def test_sigterm_stops_a_zo_run_at_its_next_checkpoint_and_it_resumes(vlmfit, tmp_path):
+    """Forward-only runs stop cleanly too (train/run.py's SignalCatcher): the SIGTERM at 40 forward passes stops the
+    run at its next checkpoint (80), exit 128 + 15 with the resume command; the resume ends the budget."""
+    p = tmp_path / "zo.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        model: {{name: tiny:clip, dtype: float32}}
+        method: zo
+        data: {{source: builtin:mnist-noisy, shots_per_class: 2, eval_limit: 20}}
+        zo: {{optimizer: mezo, forward_passes: 120, eval_every: 40, lr: 0.1, intrinsic_dim: 16}}
+        train: {{batch_size: 10, seed: 1}}
+        output: {{dir: {tmp_path / 'runs'}, name: zo-term}}
+        """))
+    script = tmp_path / "zo_term.py"
+    script.write_text(ZO_TERM)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, str(script), str(p), "40"], capture_output=True, text=True, timeout=600, env=env)
+    text = flat(proc.stderr)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "stopped by SIGTERM after 80 forward passes" in text and "vlmfit train --resume" in text and "Traceback" not in text
+    run = RunDir(tmp_path / "runs" / "zo-term")
+    assert [s for s, _ in run.complete_checkpoints()] == [40, 80] and run.read_json("summary.json") is None
+    code, out, err = vlmfit("train", "--resume", run.path)
+    assert code == 0, err
+    summary = run.summary()
+    assert summary.resumed_from == [80] and summary.zo["forward_passes"] == 120
+    assert [r["step"] for r in run.metrics()] == [0, 40, 80, 120]

@@ -98,3 +98,66 @@ def test_open_refuses_what_is_not_a_run(tmp_path):
     (tmp_path / "config.yaml").write_text("model:\n  name: tiny:qwen2_vl\n")
     with pytest.raises(UserError, match="no saved weights"):
         RunDir.open(tmp_path).load_trained()
+
+
+def _layout_names() -> dict[str, str]:
+    """Every name inside a run directory, as rundir.py's layout constants declare them (NAME = "value")."""
+    import ast
+
+    import vlmfit.rundir as rundir
+
+    tree = ast.parse(open(rundir.__file__).read())
+    names = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            for t in node.targets:
+                if isinstance(t, ast.Name) and t.id.isupper() and t.id != "PACKAGES":
+                    names[t.id] = node.value.value
+    return names
+
+
+def _strings_naming(tree, names: set[str], generic: set[str]):
+    """(line, what) for each string literal outside docstrings that is a run-directory name, or a path with one as a
+    component, and each `x / "name"` (generic words such as "model" count only there)."""
+    import ast
+
+    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                  if isinstance(n, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant) \
+                and node.right.value in names:
+            yield node.lineno, f'/ "{node.right.value}"'
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            parts = set(node.value.split("/"))
+            hit = (parts & names) - generic
+            if hit:
+                yield node.lineno, repr(node.value)
+
+
+def test_only_rundir_names_what_is_in_a_run_directory():
+    """No vlmfit module but rundir.py builds a path inside a run directory: names such as summary.json or
+    checkpoints/ are rundir.py's constants, and everything else goes through them (issue 28)."""
+    import ast
+    from pathlib import Path
+
+    import vlmfit.rundir as rundir
+
+    names = set(_layout_names().values())
+    assert {"summary.json", "config.yaml", "tracking", "profile.json", "zo_state.json"} <= names
+    generic = {n for n in names if "." not in n and n not in ("checkpoints", "tracking")}  # model, adapter, processor
+    src = Path(rundir.__file__).parent
+    bad = [f"{p.relative_to(src)}:{line}: {what}" for p in sorted(src.rglob("*.py")) if p != Path(rundir.__file__)
+           for line, what in _strings_naming(ast.parse(p.read_text()), names, generic)]
+    assert not bad, "run-directory names outside rundir.py (use its constants / RunDir methods):\n" + "\n".join(bad)
+
+
+def test_the_layout_check_sees_a_leak(tmp_path):
+    """The checker above is not blind: the leaks issue 28 found are caught."""
+    import ast
+
+    names = set(_layout_names().values())
+    leaks = 'base = run.path / "tracking"\nrun.write_json("profile.json", s)\nx = run.read_json("summary.json")\n' \
+            'ok = "no summary.json yet"\n'
+    found = list(_strings_naming(ast.parse(leaks), names, {"model", "adapter", "processor"}))
+    assert sorted({line for line, _ in found}) == [1, 2, 3], found

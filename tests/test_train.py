@@ -143,7 +143,7 @@ def test_length_grouped_batches_pad_less_and_still_see_every_example_once(tmp_pa
         trainer = make_trainer(model, loaded, collator, train, cfg, RunDir(tmp_path))
         batches = list(trainer.get_train_dataloader())
         rows = sorted(r for b in batches for r in b[ROW].tolist())
-        assert rows == list(range(len(ds)))
+        assert rows == sorted(train[ROW]) == list(range(len(ds)))  # every example once (a built-in set: rows by index)
         masks = [b["attention_mask"] for b in batches]
         padding[grouped] = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     assert padding[True] < 0.5 * padding[False], padding

@@ -11,6 +11,8 @@ from vlmfit.chat.schema import check_chat_example, count_image_parts, final_answ
 from vlmfit.data.video import (sample_frames, split_frames, video_example,
                                video_metadata)
 from vlmfit.errors import UserError
+from vlmfit.models.families import FAMILIES, video_frame_multiple
+from vlmfit.models.tiny import TINY_FAMILIES
 
 from helpers import sample_video_files
 
@@ -74,6 +76,18 @@ def test_multiple_of_two_gives_even_counts(kw):
 def test_single_frame_is_repeated_to_reach_the_multiple():
     v = sample_frames(sample_video_files()[0], num_frames=1, multiple_of=2, max_side=32)
     assert len(v.frames) == 2 and v.timestamps[0] == v.timestamps[1]
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if FAMILIES[f].video_token])
+def test_temporal_patch_is_the_video_processors_and_prepared_videos_fill_it(family):
+    """Family.temporal_patch is what the family's video processor folds (Qwen's temporal_patch_size; Gemma 4's
+    processor takes any count), and the frame count `vlmfit prepare` samples for every model fills it."""
+    from vlmfit.models.load import check_model, load_processor
+
+    video_processor = load_processor(check_model(f"tiny:{family}")[0]).video_processor
+    # a probe on purpose: only the processors that fold frames have the attribute
+    assert FAMILIES[family].temporal_patch == getattr(video_processor, "temporal_patch_size", 1)
+    assert video_frame_multiple() % FAMILIES[family].temporal_patch == 0
 
 
 def test_max_side_keeps_aspect_ratio(video_path):

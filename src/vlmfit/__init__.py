@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from vlmfit.errors import UserError  # noqa: E402
 
-__all__ = ["UserError", "VisionChatCollator", "RunConfig", "__version__"]
+__all__ = ["UserError", "VisionChatCollator", "RunConfig", "train", "__version__"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from vlmfit.config import RunConfig
 
         return RunConfig
+    if name == "train":  # the callable package: vlmfit.train(recipe, ...) is `vlmfit train` (train/api.py)
+        import vlmfit.train
+
+        return vlmfit.train
     raise AttributeError(name)

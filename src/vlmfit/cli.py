@@ -23,11 +23,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="overri
 
 
 def _recipe_path(name: str) -> Path:
-    """A recipe given by path, or by the name of one shipped with vlmfit (e.g. `demo`)."""
-    p = Path(name)
-    if p.exists() or p.suffix in (".yaml", ".yml"):
-        return p
-    return Path(__file__).parent / "recipes" / f"{name}.yaml"
+    from vlmfit.config import recipe_path
+
+    return recipe_path(name)
 
 
 @app.command()
@@ -38,45 +36,9 @@ def train(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe (pat
           force: Annotated[bool, typer.Option("--force", help="train even if the memory plan predicts it will not fit")] = False,
           profile: Annotated[bool, typer.Option("--profile", help="time each step's parts (data, vision, language, loss, optimizer); supervised recipes")] = False):
     """Fine-tune a model as the recipe says (or continue a run with --resume); writes a run directory."""
-    from vlmfit.config import load_config
-    from vlmfit.launch.ranks import is_main, world_size
-    from vlmfit.memory.plan import preflight
-    from vlmfit.rundir import RunDir
-    from vlmfit.train.sft import train_sft
+    from vlmfit.train.api import train as train_recipe
 
-    if resume is not None:
-        if recipe is not None or set:
-            raise UserError("--resume continues a run with its own recipe (config.yaml in the run directory)",
-                            where="--resume", hint=f"run `vlmfit train --resume {resume}` alone; to change the recipe, start a new run")
-        run_dir = RunDir.open(resume, where="--resume")
-        cfg = run_dir.config()
-    elif recipe is None:
-        raise UserError("Missing argument 'RECIPE'", where="vlmfit train",
-                        hint="give a recipe (`vlmfit train recipes/demo.yaml`) or a run to continue (`vlmfit train --resume RUN_DIR`)")
-    else:
-        run_dir = None
-        cfg = load_config(_recipe_path(recipe), set)
-    from vlmfit.models.load import check_model, is_dual_encoder
-
-    _, model_type = check_model(cfg.model.name, cfg.model.revision, chat=cfg.method != "zo",
-                                trust_remote_code=cfg.model.trust_remote_code)  # fail fast: before data
-    if not is_dual_encoder(model_type):  # the planner models generative VLMs (a CLIP prompt run needs inference memory)
-        preflight(cfg, console, force, world=world_size())  # on a GPU (launched: per GPU under the strategy): refuse a run predicted not to fit, with the breakdown and the fix
-    if profile and cfg.method in ("zo", "dpo"):
-        raise UserError(f"--profile times supervised training steps; method {cfg.method} is not profiled yet",
-                        where="--profile", hint="profile the SFT recipe of the same model and data (method lora / full)")
-    if cfg.method == "zo":
-        from vlmfit.train.zo import train_zo
-
-        run = train_zo(cfg, console, overwrite=overwrite, resume=run_dir)
-    elif cfg.method == "dpo":
-        from vlmfit.train.dpo import train_dpo
-
-        run = train_dpo(cfg, console, resume=run_dir, overwrite=overwrite)
-    else:
-        run = train_sft(cfg, console, profile=profile, resume=run_dir, overwrite=overwrite)
-    if world_size() == 1 or is_main():  # launched: rank 0 speaks for the run
-        console.print(f"[green]done[/]: {run}")
+    train_recipe(recipe, set, resume=resume, overwrite=overwrite, force=force, profile=profile, console=console)
 
 
 @app.command()
@@ -180,13 +142,12 @@ def compare(runs: Annotated[list[Path], typer.Argument(help="two or more run dir
 @app.command()
 def demo(out: Annotated[Path, typer.Option(help="where run directories go")] = Path("runs"), set: SetOpt = None):
     """Train the tiny Qwen2-VL on real handwritten digits from scratch (offline, CPU) and report accuracy."""
-    from vlmfit.config import load_config
     from vlmfit.rundir import RunDir
-    from vlmfit.train.sft import train_sft
+    from vlmfit.train.api import train as train_recipe
 
-    cfg = load_config(_recipe_path("demo"), [f"output.dir={out}", *(set or [])])
-    run = train_sft(cfg, console)
-    before, after = RunDir(run).evals()
+    run = train_recipe("demo", [f"output.dir={out}", *(set or [])], console=console)
+    run_dir = RunDir(run)
+    cfg, (before, after) = run_dir.config(), run_dir.evals()
     table = Table(title="builtin:mnist test accuracy (tiny:qwen2_vl)")
     table.add_column("mode")
     table.add_column("before", justify="right")
@@ -293,11 +254,15 @@ def prepare(source: Annotated[str, typer.Argument(help="file (jsonl/json/csv/par
 def doctor(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None,
            samples: Annotated[int, typer.Option(help="how many training examples to tokenize")] = 8,
            json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False):
-    """Pre-flight a recipe without training: labels, image tokens, truncation, LoRA targets, known pitfalls."""
+    """Pre-flight a recipe without training: labels, image tokens, truncation, LoRA targets, known pitfalls, caches."""
     from vlmfit.config import load_config
     from vlmfit.doctor import print_report, run_doctor
+    from vlmfit.evaluate.eval import cache_status
 
-    rep = run_doctor(load_config(_recipe_path(recipe), set), samples)
+    cfg = load_config(_recipe_path(recipe), set)
+    rep = run_doctor(cfg, samples)
+    # doctor sits beside evaluate (neither imports the other): the evaluation cache is asked from here
+    rep.add("evaluations", "ok", f"`vlmfit eval` of the recipe (its base model): {cache_status(cfg)}")
     if json_out:
         print(json.dumps(rep.as_dict(), indent=2))
     else:

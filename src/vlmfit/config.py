@@ -106,7 +106,8 @@ class ZoConfig(_Section):
     target: Literal["auto", "prompt", "lora"] = Field(
         "auto", description="prompt: CoOp-style context vectors of a CLIP text encoder; lora: LoRA adapters of a "
         "generative VLM (lora section, SFT labels); auto: prompt for CLIP models, lora otherwise")
-    forward_passes: int = Field(4000, ge=2, description="budget: loss evaluations of one parameter setting on one batch")
+    forward_passes: int = Field(5000, ge=2, description="budget: loss evaluations of one parameter setting on one batch "
+                                "(the default: SharpZO's 100 generations x (popsize 40 + 2) = 4,200, then 800 of sparse ZO)")
     lr: float = Field(1e-3, gt=0)
     eps: float = Field(1e-3, gt=0, description="finite-difference step")
     perturbations: int = Field(1, ge=1, description="random directions per gradient estimate (q)")
@@ -211,6 +212,11 @@ class LaunchConfig(_Section):
         "ddp", description="how `vlmfit launch` shares the work between processes: ddp (replicated model), fsdp "
         "(FSDP2: weights, gradients, optimizer state sharded), zero2 / zero3 (DeepSpeed ZeRO stage 2 / 3)")
 
+    @property
+    def sharded(self) -> bool:
+        """The weights are sharded across the ranks (every rank then runs every tower every step); launched only."""
+        return self.strategy in ("fsdp", "zero3")
+
 
 class OutputConfig(_Section):
     dir: Path = Path("runs")
@@ -229,6 +235,46 @@ class RunConfig(_Section):
     eval: EvalConfig = EvalConfig()
     launch: LaunchConfig = LaunchConfig()
     output: OutputConfig = OutputConfig()
+
+    @property
+    def quantization(self) -> str:
+        """How the base weights load for this run: method qlora implies 4-bit, else model.quantization."""
+        return quantization_for(self.method, self.model.quantization)
+
+    @property
+    def full_weights(self) -> bool:
+        """Every weight trains (method full, or DPO with dpo.tuning: full): no adapter, no quantized base."""
+        return self.method == "full" or (self.method == "dpo" and self.dpo.tuning == "full")
+
+    @model_validator(mode="after")
+    def _full_training_is_not_quantized(self):
+        if self.full_weights and self.model.quantization != "none":
+            key = "dpo.tuning" if self.method == "dpo" else "method"
+            raise ValueError(f"a {self.model.quantization} quantized model cannot be trained in full ({key}): "
+                             f"{'dpo.tuning: lora' if self.method == 'dpo' else 'method: qlora'} trains adapters on the "
+                             "quantized base (QLoRA), or set model.quantization: none")
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_compares_replies(self):
+        if self.method == "dpo" and self.train.loss_on != "assistant":
+            raise ValueError("DPO compares the final replies of each pair; train.loss_on: all does not apply: remove "
+                             "train.loss_on (or set it to assistant) for method dpo")
+        return self
+
+    @model_validator(mode="after")
+    def _pairs_from_labels_need_labels(self):
+        if self.method == "dpo" and self.dpo.pairs_from_labels and self.data.task == "preference":
+            raise ValueError("dpo.pairs_from_labels builds pairs from labelled chat examples, but data.task is preference: "
+                             "remove dpo.pairs_from_labels to train on the pairs as given")
+        return self
+
+    @model_validator(mode="after")
+    def _coop_tunes_prompts(self):
+        if self.method == "zo" and self.zo.optimizer == "coop" and self.zo.target == "lora":
+            raise ValueError("zo.optimizer coop is backprop prompt tuning of a CLIP model, not of LoRA adapters (zo.target: "
+                             "lora): for a generative VLM use method lora (backprop) or zo.optimizer mezo / sharpzo")
+        return self
 
     @model_validator(mode="after")
     def _packing_is_sft(self):
@@ -255,15 +301,31 @@ class RunConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def quantization_for(method: str, quantization: str) -> str:
+    """The one rule for the quantization a method trains on (the planner applies it to its own inputs too)."""
+    return "4bit" if method == "qlora" else quantization
+
+
+RECIPES = Path(__file__).parent / "recipes"  # the YAML recipes shipped with vlmfit
+
+
+def recipe_path(name: str | Path) -> Path:
+    """A recipe given by path, or by the name of one shipped with vlmfit (e.g. `demo`)."""
+    p = Path(name)
+    if p.exists() or p.suffix in (".yaml", ".yml"):
+        return p
+    return RECIPES / f"{name}.yaml"
+
+
 def _fields_at(loc: tuple) -> list[str]:
     """Valid key names of the section that `loc` (a pydantic error location) points into."""
     model: Any = RunConfig
     for part in loc[:-1]:
-        field = getattr(model, "model_fields", {}).get(part)
+        field = model.model_fields.get(part)
         if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
             return []
         model = field.annotation
-    return list(getattr(model, "model_fields", {}))
+    return list(model.model_fields)
 
 
 def _explain(err: ValidationError, source: str) -> UserError:
@@ -297,6 +359,11 @@ def _set_dotted(doc: dict, dotted: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML says is wrong: a marked error's problem (without the position, which `where` gives)."""
+    return str(e.problem) if isinstance(e, yaml.MarkedYAMLError) and e.problem else str(e)
+
+
 def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     out = []
     for item in overrides or []:
@@ -309,7 +376,7 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise UserError(f"the value of '{item}' is not valid YAML ({getattr(e, 'problem', e)})", where=f"--set {key.strip()}",
+            raise UserError(f"the value of '{item}' is not valid YAML ({_yaml_problem(e)})", where=f"--set {key.strip()}",
                             hint="quote it: --set 'data.prompt=\"...\"'") from None
         out.append((key.strip(), value))
     return out
@@ -329,9 +396,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise UserError(f"not a text file in UTF-8 (byte {e.start}: {e.reason})", where=str(p),
                             hint="a recipe is a YAML text file, e.g. recipes/demo.yaml") from None
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
+            mark = e.problem_mark if isinstance(e, yaml.MarkedYAMLError) else None
             where = f"{p}:{mark.line + 1}" if mark else str(p)
-            raise UserError(f"not valid YAML ({getattr(e, 'problem', e)})", where=where) from None
+            raise UserError(f"not valid YAML ({_yaml_problem(e)})", where=where) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

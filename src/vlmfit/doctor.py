@@ -1,17 +1,22 @@
 """`vlmfit doctor`: pre-flight a recipe without training. Loads the processor and the model on the meta device,
-tokenizes a sample of the data and reports what training would see, with a verdict per check."""
+tokenizes a sample of the data and reports what training would see, with a verdict per check, and whether the run
+would reuse each cache (prepared data, encoded examples) and why not."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from vlmfit import cache
 from vlmfit.chat.collate import IGNORE_INDEX, LABEL_METHODS, VisionChatCollator
+from vlmfit.chat.rows import EncodedCache, example_key, processor_fingerprint
 from vlmfit.config import RunConfig
+from vlmfit.data.prepare import prepared_status
 from vlmfit.data.splits import load_splits
 from vlmfit.errors import UserError
 from vlmfit.models.families import Family
@@ -53,7 +58,7 @@ class Report:
 def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
     rep = Report()
     ref, _ = check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    processor = load_processor(ref, cfg.model.revision)
+    processor = load_processor(ref, cfg.model.revision, cfg.model)  # with the recipe's resolution caps, as training
     model = meta_model_of(ref, cfg.model.revision)
     family = family_for(model.config.model_type, processor, cfg.model.name)
     n_params = sum(p.numel() for p in model.parameters())
@@ -66,6 +71,7 @@ def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
     rep.add("labels", "warn" if coll.label_method == "prefix" else "ok",
             f"family {family.name}: labels by {coll.label_method} ({LABEL_METHODS[coll.label_method]}), loss on {cfg.train.loss_on} tokens")
 
+    prepared = _prepared(cfg)  # before load_splits prepares the data
     train_ds = load_splits(cfg).train
     sample = [train_ds[i] for i in range(min(samples, len(train_ds)))]
     _check_examples(rep, coll, model.config, family, sample, cfg)
@@ -76,6 +82,8 @@ def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
     if over:
         rep.add("hyperparameters", "warn", f"{family.name}: " + ", ".join(f"train.{k} {v:g} > {lim:g}" for k, v, lim in over)
                 + f"; {family.train_limits_hint}")
+    rep.add("prepared data", "ok", prepared)
+    rep.add("encoded examples", "ok", _encoded(processor, family, sample, cfg))
     return rep
 
 
@@ -133,6 +141,33 @@ def _check_examples(rep: Report, coll: VisionChatCollator, config, family: Famil
     else:
         longest = max((e["tokens"] for e in good), default=0)
         rep.add("truncation", "ok", f"longest sampled example {longest} tokens <= max_length {limit}")
+
+
+def _prepared(cfg: RunConfig) -> str:
+    """Whether the run would reuse the cached preparation of data.source, and why not."""
+    if cfg.data.source.startswith("builtin:"):
+        return "not cached: built-in data is generated as it loads"
+    if (Path(cfg.data.source).expanduser() / "prepare_report.json").is_file():
+        return "not cached: data.source is a prepared directory, read as is"
+    status = prepared_status(cfg.data)
+    return "hit — the same data, settings, code and libraries" if status.why is None else f"miss — {status.why}"
+
+
+def _encoded(processor, family: Family, sample: list[dict], cfg: RunConfig) -> str:
+    """Whether the run's encoded-example cache holds the sampled examples under this processor and these settings."""
+    if cfg.method in ("dpo", "zo"):
+        return f"not cached: method {cfg.method} encodes as it goes"
+    if not cfg.train.processor_cache:
+        return "not cached (train.processor_cache: false)"
+    chat = VisionChatCollator(processor, family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)  # as training's
+    encoded = EncodedCache(cache.cache_dir("encoded"), processor_fingerprint(chat))
+    hits = sum(example_key(ex) in encoded for ex in sample)
+    if hits == len(sample):
+        return f"hit — all {hits} sampled examples are encoded"
+    if encoded.dir.is_dir():
+        return f"miss — {len(sample) - hits} of {len(sample)} sampled examples are not encoded yet (new or changed examples)"
+    return ("miss — nothing is encoded under this tokenizer, processor, family facts, settings, vlmfit code and library "
+            "versions (one of them changed, or this model never trained here)")
 
 
 def _check_targets(rep: Report, model, family: Family, cfg: RunConfig) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vlmfit.errors import UserError
-from vlmfit.rundir import RunDir
+from vlmfit.rundir import SUMMARY, RunDir
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CARD = "README.md"
@@ -77,11 +77,11 @@ def merged_model(run: RunDir, cfg, dtype: torch.dtype):
     """The base (QLoRA: as trained in 4-bit, then dequantized) with the run's adapter merged in, in `dtype`."""
     from peft import PeftModel
 
-    from vlmfit.models.load import load, load_processor
+    from vlmfit.models.load import load_for, load_processor
 
-    quantized = cfg.method == "qlora" or cfg.model.quantization != "none"
+    quantized = cfg.quantization != "none"
     # Merge in fp32 (a 16-bit merge rounds twice), then cast once.
-    loaded = load(cfg.model.name, "float32", cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
+    loaded = load_for(cfg, dtype="float32")
     base = loaded.model
     if quantized:
         base = base.dequantize(dtype=torch.float32)  # transformers' bitsandbytes dequantization: nn.Linear again
@@ -101,7 +101,7 @@ def _point_adapter_at_base(out: Path, base: str) -> None:
 
 def model_card(run: RunDir, cfg, what: str, dtype: str, command: str) -> str:
     before, after = run.evals()
-    summary = run.read_json("summary.json") or {}
+    summary = run.read_json(SUMMARY) or {}
     lines = ["---", f"base_model: {cfg.model.name}", "library_name: " + ("peft" if what == "adapter" else "transformers"),
              "tags: [vlmfit, vision-language]", "---", "", f"# Fine-tuned {cfg.model.name} ({cfg.method}, {what})", "",
              f"- base model: `{cfg.model.name}`" + (f" (revision {cfg.model.revision})" if cfg.model.revision else ""),

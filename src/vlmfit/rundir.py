@@ -22,6 +22,7 @@ CONFIG = "config.yaml"  # the resolved recipe (every default filled in)
 ENVIRONMENT = "environment.json"
 METRICS = "metrics.jsonl"  # one record per logging step (or per evaluation, for method zo)
 SUMMARY = "summary.json"  # RunSummary
+EVAL_PREFIX = "eval_"  # every evaluation result: eval_before.json, eval_after.json, eval_<timestamp>.json
 EVAL_BEFORE = "eval_before.json"
 EVAL_AFTER = "eval_after.json"
 LORA_TARGETS = "lora_targets.json"
@@ -36,6 +37,10 @@ MODEL = "model"  # full weights (full fine-tuning, or a merged DPO policy), with
 ADAPTER = "adapter"  # a PEFT adapter on the base model of config.yaml
 PROMPT = "prompt.safetensors"  # CLIP prompt tuning: the context vectors
 PROMPT_INFO = "prompt.json"
+TRACKING = "tracking"  # train.report_to: the trackers' local logs (train/tracking.py)
+PROFILE = "profile.json"  # --profile: where each step's time went
+ZO_TUNED = "tuned.safetensors"  # inside a forward-only run's checkpoint-<forward passes>/: the tuned values
+ZO_STATE = "zo_state.json"  # ... and where its loop was (budget, seeds, batches, CMA-ES losses)
 
 PACKAGES = ("vlmfit", "torch", "torchvision", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "bitsandbytes")
 
@@ -144,6 +149,16 @@ class RunDir:
         run.write_json(ENVIRONMENT, environment())
         return run
 
+    @staticmethod
+    def is_run_dir(path: str | Path) -> bool:
+        """`path` holds a run (or a complete checkpoint of one): its resolved recipe is there."""
+        return (Path(path) / CONFIG).is_file()
+
+    @staticmethod
+    def is_record(name: str) -> bool:
+        """A file a run directory gains after training (`vlmfit eval` results): not part of what it trained."""
+        return name.startswith(EVAL_PREFIX)
+
     @classmethod
     def open(cls, path: str | Path, where: str | None = None) -> "RunDir":
         """An existing run directory; a UserError if `path` is not one."""
@@ -185,7 +200,7 @@ class RunDir:
 
     def write_eval(self, when: str, result: dict) -> Path:
         """when: "before" or "after" training; a later `vlmfit eval` gets a timestamped file of its own."""
-        name = {"before": EVAL_BEFORE, "after": EVAL_AFTER}.get(when) or f"eval_{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+        name = {"before": EVAL_BEFORE, "after": EVAL_AFTER}.get(when) or f"{EVAL_PREFIX}{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
         return self.write_json(name, result)
 
     def evals(self) -> tuple[dict | None, dict | None]:
@@ -198,16 +213,41 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"checkpoint-{step}"
 
-    def complete_checkpoint(self, step: int, info: dict) -> Path:
-        """Mark checkpoint-<step> complete (after the Trainer wrote it): the resolved recipe beside the weights, so
-        the checkpoint evaluates or exports on its own, then the marker, written to a temporary name and renamed."""
+    def complete_checkpoint(self, step: int, info: dict, keep: int | None = None) -> Path:
+        """Mark checkpoint-<step> complete (after it was written): the resolved recipe beside the weights, so the
+        checkpoint evaluates or exports on its own, then the marker, written to a temporary name and renamed. With
+        `keep`, only the newest `keep` complete checkpoints stay (the one pruning rule, for every method)."""
         path = self.checkpoint(step)
         if (self.path / CONFIG).is_file():
             shutil.copyfile(self.path / CONFIG, path / CONFIG)
         tmp = path / f".{CHECKPOINT_DONE}.tmp"
         tmp.write_text(json.dumps({"step": step, **info}, indent=2) + "\n")
         os.replace(tmp, path / CHECKPOINT_DONE)
+        if keep is not None:
+            for _, old in self.complete_checkpoints()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
         return path
+
+    def save_zo_checkpoint(self, step: int, tuned, state: dict, keep: int) -> Path:
+        """A forward-only run's checkpoint-<step>/ (step: forward passes): the tuned values (a 1-d tensor, safetensors)
+        and the loop's state (JSON), written to a temporary directory and renamed into place, then marked complete."""
+        from safetensors.torch import save_file
+
+        final = self.checkpoint(step)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({"tuned": tuned.contiguous()}, str(tmp / ZO_TUNED))
+        (tmp / ZO_STATE).write_text(json.dumps(state) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return self.complete_checkpoint(step, {"world_size": 1}, keep=keep)
+
+    def load_zo_checkpoint(self, path: Path):
+        """(tuned values, loop state) of a forward-only checkpoint written by save_zo_checkpoint."""
+        from safetensors.torch import load_file
+
+        return load_file(str(path / ZO_TUNED))["tuned"], json.loads((path / ZO_STATE).read_text())
 
     def complete_checkpoints(self) -> list[tuple[int, Path]]:
         """(step, path) of every complete checkpoint, oldest first."""
@@ -242,7 +282,20 @@ class RunDir:
         if self.checkpoints.is_dir() and not any(self.checkpoints.iterdir()):
             self.checkpoints.rmdir()
 
+    @property
+    def tracking(self) -> Path:
+        return self.path / TRACKING
+
+    def write_profile(self, profile: dict) -> Path:
+        return self.write_json(PROFILE, profile)
+
     # -- what the run trained -----------------------------------------------------------------------------------
+    def save_trained(self, model, processor, kind: str, adapters: list[str] | None = None) -> str:
+        """What a supervised or preference run trained, with the processor it trained with: "model" (full weights)
+        or "adapter" (`adapters`: which PEFT adapters; DPO leaves out TRL's frozen 'ref' copy). Returns it in words."""
+        self.save_processor(processor)
+        return self.save_model(model, processor) if kind == "model" else self.save_adapter(model, adapters)
+
     def save_processor(self, processor) -> None:
         processor.save_pretrained(self.path / PROCESSOR)
 
@@ -310,15 +363,14 @@ class RunDir:
             info = json.loads((self.path / PROMPT_INFO).read_text())
             ctx = load_file(str(self.path / PROMPT))["context"].to(next(model.parameters()).device)
             return Trained(kind, model, processor, None, cfg, {"context": ctx, **info})
-        from vlmfit.models.load import load, load_processor
+        from vlmfit.models.load import load, load_for, load_processor
 
         if kind == "model":
             loaded = load(str(self.weights_path("model")), dtype)
             return Trained(kind, loaded.model, loaded.processor, loaded.family, cfg)
         from peft import PeftModel
 
-        quantization = "4bit" if cfg.method == "qlora" else cfg.model.quantization
-        loaded = load(cfg.model.name, dtype, cfg.model.revision, cfg.model, quantization)
+        loaded = load_for(cfg, dtype=dtype)
         model = PeftModel.from_pretrained(loaded.model, str(self.weights_path("adapter")), is_trainable=trainable)
         processor = load_processor(str(self.processor_path())) if self.processor_path() else loaded.processor
         return Trained(kind, model, processor, loaded.family, cfg)

@@ -13,13 +13,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vlmfit.chat.schema import check_chat_example, count_image_parts, message_text, prompt_of, stored_video_metadata
+from vlmfit.chat.schema import ROW, check_chat_example, count_image_parts, message_text, prompt_of, stored_video_metadata
 from vlmfit.errors import UserError
 from vlmfit.models.families import Family, family_of_processor, get_family
 from vlmfit.models.loss import IGNORE_INDEX  # re-exported: the label value the loss ignores
 
 # How labels find the loss positions, in words (logs, doctor, reports).
-ROW = "vlmfit_row"  # an example's index in the train split, when the recipe adds it: batches carry it (see __call__)
 
 LABEL_METHODS = {
     "markers": "the family's assistant turn markers",
@@ -188,8 +187,8 @@ class VisionChatCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         for i, ex in enumerate(examples):
-            check_chat_example(ex, where=f"example {ex.get('_row', i)}")
-            self.check_content(ex, where=f"example {ex.get('_row', i)}")
+            check_chat_example(ex, where=who(ex, i))
+            self.check_content(ex, where=who(ex, i))
         images = [list(ex.get("images") or []) for ex in examples]
         if self.label_method == "suffix":
             answers = [message_text(prompt_and_answer(ex["messages"])[1]) for ex in examples]
@@ -211,7 +210,7 @@ class VisionChatCollator:
         for r in range(len(examples)):
             if not keep[r].any():
                 raise UserError(
-                    f"example {examples[r].get('_row', r)}: no assistant tokens found after rendering with the chat template",
+                    f"{who(examples[r], r)}: no assistant tokens found after rendering with the chat template",
                     hint=f"check that the example has a non-empty assistant reply and that the template opens replies with "
                     f"{self.family.assistant_start!r}",
                 )
@@ -255,13 +254,18 @@ class VisionChatCollator:
         for r in range(media.shape[0]):
             if media[r, cut:].any():
                 raise UserError(
-                    f"example {examples[r].get('_row', r)} is {int(batch['attention_mask'][r].sum())} tokens; truncating "
+                    f"{who(examples[r], r)} is {int(batch['attention_mask'][r].sum())} tokens; truncating "
                     f"it to max_length={cut} would cut through an image",
                     where="train.max_length",
                     hint="raise train.max_length (or set it to null), lower the image resolution, or drop this example",
                 )
         seq_shape = tuple(batch["input_ids"].shape)
         return {k: (v[:, :cut] if torch.is_tensor(v) and tuple(v.shape[:2]) == seq_shape else v) for k, v in batch.items()}
+
+
+def who(example: dict, position: int) -> str:
+    """How an error names an example: its source row (the user's file), else its place in the batch."""
+    return f"source row {example[ROW]}" if example.get(ROW) is not None else f"example {position} of the batch"
 
 
 def prompt_and_answer(messages: list[dict]) -> tuple[list[dict], dict]:
@@ -304,8 +308,8 @@ class PreferenceCollator:
     @staticmethod
     def _conversation(pair: dict, side: str) -> dict:
         ex = {"messages": list(pair["prompt"]) + list(pair[side]), "images": list(pair.get("images") or [])}
-        if pair.get("source_row") is not None:
-            ex["_row"] = pair["source_row"]  # errors then name the row of the user's file
+        if pair.get(ROW) is not None:
+            ex[ROW] = pair[ROW]  # errors then name the row of the user's file
         return ex
 
     def measure(self, pairs: list[dict], batch_size: int = 32) -> list[dict]:

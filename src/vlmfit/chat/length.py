@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from vlmfit.chat.schema import ROW
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
 
@@ -23,6 +24,8 @@ def apply_length_policy(train_ds, collator, cfg: RunConfig, console: Console):
         train_ds = train_ds.add_column("length", [s["length"] for s in stats])
     if limit is None:
         return train_ds, {"limit": None}
+    # rows named by the user's source row (train/trainer.py with_row_ids puts it there), else by position
+    row = train_ds[ROW] if ROW in train_ds.column_names else list(range(len(train_ds)))
     over = [i for i, s in enumerate(stats) if s["length"] > limit]
     report = {"limit": limit, "policy": cfg.train.overlong, "overlong": len(over), "longest": max(s["length"] for s in stats)}
     if not over:
@@ -30,7 +33,7 @@ def apply_length_policy(train_ds, collator, cfg: RunConfig, console: Console):
     if cfg.train.overlong == "drop":
         keep = sorted(set(range(len(train_ds))) - set(over))
         report["dropped"] = len(over)
-        report["dropped_rows"] = [{"row": i, "reason": f"{stats[i]['length']} tokens > max_length {limit}"} for i in over[:100]]
+        report["dropped_rows"] = [{"row": row[i], "reason": f"{stats[i]['length']} tokens > max_length {limit}"} for i in over[:100]]
         console.print(f"[yellow]dropped {len(over)} of {len(train_ds)} examples longer than max_length={limit}[/]")
         if not keep:
             raise UserError(f"every training example is longer than max_length={limit}", where="train.max_length")
@@ -39,7 +42,7 @@ def apply_length_policy(train_ds, collator, cfg: RunConfig, console: Console):
     if bad:
         raise UserError(
             f"{len(bad)} training examples would be truncated through an image at max_length={limit} "
-            f"(rows {', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}; longest {report['longest']} tokens)",
+            f"(source rows {', '.join(str(row[i]) for i in bad[:10])}{', ...' if len(bad) > 10 else ''}; longest {report['longest']} tokens)",
             where="train.max_length",
             hint="raise train.max_length (or set it to null), lower the image resolution, or set train.overlong: drop",
         )
@@ -47,7 +50,7 @@ def apply_length_policy(train_ds, collator, cfg: RunConfig, console: Console):
     if lost:
         raise UserError(
             f"{len(lost)} training examples would lose their whole answer when truncated at max_length={limit} "
-            f"(rows {', '.join(map(str, lost[:10]))})",
+            f"(source rows {', '.join(str(row[i]) for i in lost[:10])})",
             where="train.max_length",
             hint="raise train.max_length or set train.overlong: drop",
         )

@@ -6,6 +6,7 @@ their own positions (models/packing.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -13,37 +14,56 @@ import pathlib
 import tempfile
 
 import numpy as np
+import PIL.Image
 import safetensors.torch
 import torch
 
-import vlmfit
-from vlmfit.chat import collate, schema
+from vlmfit import cache
 from vlmfit.chat.collate import ROW, VisionChatCollator
+from vlmfit.models.families import Family
 from vlmfit.models.loss import IGNORE_INDEX
 from vlmfit.models.features import IMAGE_KEYS
 from vlmfit.models.packing import SEGMENTS
 
-ROWS_FORMAT = 2  # bump when what an encoded row holds changes: old cache entries are then never read
-# Sequence-shaped tensors and what pads them; every other tensor is per image (or per tile, per video).
-PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX, "token_type_ids": 0, "mm_token_type_ids": 0}
+ROWS_FORMAT = 3  # bump when what an encoded row holds changes: old cache entries are then never read
 
 
 def processor_fingerprint(chat: VisionChatCollator) -> str:
-    """What an encoding depends on besides the example: vlmfit's label code, the processor (tokenizer, template,
-    image and video settings: the resolution is there) and the collator's settings."""
-    proc, tok = chat.processor, chat.processor.tokenizer
-    code = [pathlib.Path(m.__file__).read_bytes() for m in (collate, schema)]  # the label code itself, edits included
-    parts = [vlmfit.__version__, ROWS_FORMAT, hashlib.blake2b(b"".join(code)).hexdigest(), type(proc).__name__, tok.name_or_path, len(tok),
-             getattr(proc, "chat_template", None) or tok.chat_template, chat.family.name, chat.loss_on, chat.label_method,
-             chat.max_length]
-    for attr in ("image_processor", "video_processor"):
-        sub = getattr(proc, attr, None)  # not every processor has a video processor
-        parts.append(sub.to_json_string() if sub is not None else "")
+    """What an encoding depends on besides the example: the serialized tokenizer and processor (template, image and
+    video settings: the resolution is there), the family's facts, the collator's settings, and vlmfit's code and the
+    encoding libraries' versions (vlmfit.cache)."""
+    proc = chat.processor
+    parts = [ROWS_FORMAT, cache.code_fingerprint(), cache.library_versions(), tokenizer_state(proc.tokenizer),
+             proc.to_json_string(), proc.chat_template or proc.tokenizer.chat_template, family_facts(chat.family),
+             chat.loss_on, chat.label_method, chat.max_length]
     return hashlib.blake2b(json.dumps(parts, default=str).encode(), digest_size=16).hexdigest()
 
 
+# init_kwargs that say where a tokenizer was loaded from, not how it encodes: a copied model hits the same entries.
+_WHERE_FROM = {"name_or_path", "is_local", "local_files_only", "cache_dir", "revision", "token", "_commit_hash"}
+
+
+def tokenizer_state(tok) -> list:
+    """The tokenizer as it encodes: its full serialization (vocabulary, merges, normalizer, pre-tokenizer, the
+    post-processor that adds BOS / EOS, added tokens), its special tokens and its settings (add_bos / add_eos ...)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tok, PreTrainedTokenizerFast):
+        body = tok.backend_tokenizer.to_str()
+    else:  # a Python (sentencepiece) tokenizer has no serialization of its own; its vocabulary stands in for it
+        body = json.dumps(tok.get_vocab(), sort_keys=True)
+    settings = {k: v for k, v in tok.init_kwargs.items() if k not in _WHERE_FROM and not k.endswith("_file")}
+    return [type(tok).__name__, body, tok.special_tokens_map, settings, tok.padding_side, tok.truncation_side]
+
+
+def family_facts(family: Family) -> dict:
+    """Every field of a models.families.Family (markers, end of turn, image tokens, ...), functions by name."""
+    facts = dataclasses.asdict(family)
+    return {k: f"{v.__module__}.{v.__qualname__}" if callable(v) else v for k, v in facts.items()}
+
+
 def _feed(h, value) -> None:
-    if hasattr(value, "tobytes") and hasattr(value, "mode"):  # a PIL image: its pixels, not its file
+    if isinstance(value, PIL.Image.Image):  # its pixels, not its file
         h.update(f"PIL{value.mode}{value.size}".encode())
         h.update(value.tobytes())
     elif isinstance(value, np.ndarray):
@@ -85,6 +105,10 @@ class EncodedCache:
 
     def _path(self, key: str) -> pathlib.Path:
         return self.dir / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        """Whether `key` has an entry (counted as neither hit nor miss: doctor asks without encoding)."""
+        return key in self.memory or self._path(key).is_file()
 
     def get(self, key: str) -> dict | None:
         row = self.memory.get(key)
@@ -146,21 +170,27 @@ class RowCollator:
         return rows
 
     def _encode_fresh(self, examples: list[dict]) -> list[dict]:
-        examples = [{k: v for k, v in ex.items() if k != ROW} for ex in examples]
         media = {bool(ex.get("images")) for ex in examples}
         if len(examples) == 1 or len(media) > 1:  # the processor takes no batch mixing image and text-only rows
-            return [self.chat([ex]) for ex in examples]
-        rows = split_batch(self.chat(examples), [len(ex.get("images") or []) for ex in examples],
-                           [[len(v) for v in ex.get("videos") or []] for ex in examples], self.family.images_per_row)
-        return rows if rows is not None else [self.chat([ex]) for ex in examples]
+            return [self._chat([ex]) for ex in examples]
+        rows = split_batch(self._chat(examples), [len(ex.get("images") or []) for ex in examples],
+                           [[len(v) for v in ex.get("videos") or []] for ex in examples], self.family)
+        return rows if rows is not None else [self._chat([ex]) for ex in examples]
+
+    def _chat(self, examples: list[dict]) -> dict:
+        """The chat collator's encoding; the examples keep their source rows (its errors name them), but what is
+        encoded and cached does not hold them (the same example under another row is the same entry)."""
+        batch = self.chat(examples)
+        batch.pop(ROW, None)
+        return batch
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         # each example hashed once, for the processor cache and the image keys alike
         keys = [example_key(ex) for ex in examples] if self.cache is not None or self.image_keys else None
         rows = self.encode(examples, keys)
         pad_id = self.chat.processor.tokenizer.pad_token_id
-        batch = (pack_rows(rows, self.family.images_per_row, self.pack_tokens, pad_id) if self.pack
-                 else pad_rows(rows, self.family.images_per_row, pad_id))
+        batch = (pack_rows(rows, self.family, self.pack_tokens, pad_id) if self.pack
+                 else pad_rows(rows, self.family, pad_id))
         if all(ROW in ex for ex in examples):
             batch[ROW] = torch.tensor([ex[ROW] for ex in examples])
         if self.image_keys:
@@ -168,10 +198,17 @@ class RowCollator:
         return batch
 
 
-def _image_keys(rows: list[dict]) -> list[str]:
+def pad_values(family: Family, pad_id: int | None = None) -> dict:
+    """The family's sequence-shaped tensors and what pads each (input_ids: the tokenizer's pad id); every other
+    tensor of an encoding is per image (or per tile, per video)."""
+    return {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX, **dict(family.sequence_inputs)}
+
+
+def _image_keys(rows: list[dict], family: Family) -> list[str]:
+    sequence = pad_values(family)
     keys = []
     for row in rows:
-        keys += [k for k in row if k not in PAD_VALUES and k not in keys]
+        keys += [k for k in row if k not in sequence and k not in keys]
     return keys
 
 
@@ -183,16 +220,16 @@ def _pad_to(t: torch.Tensor, dim: int, size: int, value) -> torch.Tensor:
     return torch.cat([t, t.new_full(shape, value)], dim)
 
 
-def pad_rows(rows: list[dict], images_per_row: bool, pad_id: int) -> dict[str, torch.Tensor]:
+def pad_rows(rows: list[dict], family: Family, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch of single-example encodings, laid out as the processor lays out its own batches."""
     width = max(r["input_ids"].shape[1] for r in rows)
     batch = {}
-    for key, value in PAD_VALUES.items():
+    for key, value in pad_values(family, pad_id).items():
         if key in rows[0]:
-            batch[key] = torch.cat([_pad_to(r[key], 1, width, pad_id if value is None else value) for r in rows])
-    for key in _image_keys(rows):
+            batch[key] = torch.cat([_pad_to(r[key], 1, width, value) for r in rows])
+    for key in _image_keys(rows, family):
         have = [r[key] for r in rows if key in r]
-        if images_per_row:  # [1, images, ...] per example: pad the image dimension (zero images are padding)
+        if family.images_per_row:  # [1, images, ...] per example: pad the image dimension (zero images are padding)
             n = max(t.shape[1] for t in have)
             like = have[0]
             parts = [_pad_to(r[key], 1, n, 0) if key in r else like.new_zeros((1, n, *like.shape[2:])) for r in rows]
@@ -202,7 +239,7 @@ def pad_rows(rows: list[dict], images_per_row: bool, pad_id: int) -> dict[str, t
     return batch
 
 
-def split_batch(batch: dict, images: list[int], videos: list[list[int]], images_per_row: bool) -> list[dict] | None:
+def split_batch(batch: dict, images: list[int], videos: list[list[int]], family: Family) -> list[dict] | None:
     """The processor's right-padded batch as single-example encodings (the inverse of pad_rows): sequences cut at
     each row's length; per-image tensors split by each example's images (Qwen's patches by their grids), per-video
     ones by its videos or their frames (`videos`: frames of each video of each example), whichever the tensor
@@ -210,13 +247,14 @@ def split_batch(batch: dict, images: list[int], videos: list[list[int]], images_
     split (the caller then encodes the examples one at a time)."""
     lengths = batch["attention_mask"].sum(1).tolist()
     rows: list[dict] = [{} for _ in lengths]
-    for key in PAD_VALUES:
+    sequence = pad_values(family)
+    for key in sequence:
         if key in batch:
             for r, n in enumerate(lengths):
                 rows[r][key] = batch[key][r:r + 1, :n].clone()  # its own storage, not a view of the batch
-    for key in [k for k in batch if k not in PAD_VALUES]:
+    for key in [k for k in batch if k not in sequence]:
         t = batch[key]
-        if images_per_row:
+        if family.images_per_row:
             tiles = batch.get("pixel_attention_mask")
             for r in range(len(lengths)):
                 real = int(tiles[r].flatten(1).any(1).sum()) if tiles is not None else t.shape[1]
@@ -239,7 +277,7 @@ def split_batch(batch: dict, images: list[int], videos: list[list[int]], images_
     return rows
 
 
-def pack_rows(rows: list[dict], images_per_row: bool, budget: int | None = None, pad_id: int = 0) -> dict[str, torch.Tensor]:
+def pack_rows(rows: list[dict], family: Family, budget: int | None = None, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """The examples end to end in packed rows of at most `budget` tokens each (None: one row; an example longer
     than the budget gets a row of its own), in order; rows padded to the longest (the padding is a segment of
     its own: it attends only to itself and carries no label). No attention mask; batch[SEGMENTS] holds one line
@@ -254,17 +292,18 @@ def pack_rows(rows: list[dict], images_per_row: bool, budget: int | None = None,
         bins[-1].append(i)
         used += n
     packed = []
+    sequence = pad_values(family)
     for members in bins:
         part = [rows[i] for i in members]
-        row = {key: torch.cat([r[key] for r in part], 1) for key in PAD_VALUES if key in part[0] and key != "attention_mask"}
+        row = {key: torch.cat([r[key] for r in part], 1) for key in sequence if key in part[0] and key != "attention_mask"}
         if "labels" in row:  # an example's last position must not learn the next example's first token
             starts = np.cumsum([0] + [r["input_ids"].shape[1] for r in part[:-1]])
             row["labels"] = row["labels"].clone()
             row["labels"][0, starts] = IGNORE_INDEX
-        for key in _image_keys(part):
-            row[key] = torch.cat([r[key] for r in part if key in r], 1 if images_per_row else 0)
+        for key in _image_keys(part, family):
+            row[key] = torch.cat([r[key] for r in part if key in r], 1 if family.images_per_row else 0)
         packed.append(row)
-    batch = pad_rows(packed, images_per_row, pad_id) if len(packed) > 1 else packed[0]
+    batch = pad_rows(packed, family, pad_id) if len(packed) > 1 else packed[0]
     batch[SEGMENTS] = torch.tensor([[b, rows[i]["input_ids"].shape[1], _count(rows[i], "image_grid_thw"),
                                      _count(rows[i], "video_grid_thw")] for b, members in enumerate(bins) for i in members])
     return batch

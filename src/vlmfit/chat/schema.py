@@ -10,6 +10,11 @@ from typing import Any
 
 from vlmfit.errors import UserError
 
+# The one name of an example's identity: the row of the user's source it came from (data/prepare.py writes it; a
+# dataset without it, a built-in set, gets its index). Batches carry it, and every collation, label, length and
+# divergence error names it.
+ROW = "source_row"
+
 ROLES = ("system", "user", "assistant")
 
 

@@ -232,10 +232,11 @@ def _motion(train: int = 2000, test: int = 100, seed: int = 0):
     import datasets
     import numpy as np
 
+    from vlmfit import cache
     from vlmfit.data.video import sample_frames, video_example
-    from vlmfit.models.tiny.corpus import cache_home
+    from vlmfit.models.families import video_frame_multiple
 
-    home = cache_home() / "builtin" / f"motion-v{MOTION_FORMAT}-{seed}-{train}-{test}"
+    home = cache.cache_dir("builtin") / f"motion-v{MOTION_FORMAT}-{seed}-{train}-{test}"
     if not (home / "captions.json").is_file():  # written once, atomically: a killed build leaves no half directory
         import json
 
@@ -258,7 +259,7 @@ def _motion(train: int = 2000, test: int = 100, seed: int = 0):
         rows = []
         for rel, caption in captions.items():
             if rel.startswith(split + "/"):
-                clip = sample_frames(home / rel, fps=4.0, multiple_of=2)
+                clip = sample_frames(home / rel, fps=4.0, multiple_of=video_frame_multiple())  # as prepare samples
                 ex = video_example(MOTION_QUESTION, caption, clip)
                 rows.append({"messages": ex["messages"], "images": [], "videos": ex["videos"],
                              "video_meta": [{"fps": clip.source_fps, "duration": clip.duration, "timestamps": list(clip.timestamps)}]})

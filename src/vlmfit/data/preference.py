@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from vlmfit.chat.schema import final_answer, prompt_of, text_part
+from vlmfit.chat.schema import ROW, final_answer, prompt_of, text_part
 
 EVASIVE = "The image does not provide that information."
 
@@ -30,6 +30,6 @@ def pairs_from_labelled(dataset, labels: list[str], rejected: str = "mixed", see
             "rejected": [{"role": "assistant", "content": [text_part(bad)]}],
         }
 
-    out = dataset.map(pair, with_indices=True, load_from_cache_file=False, remove_columns=[c for c in dataset.column_names if c not in ("images",)])
+    out = dataset.map(pair, with_indices=True, load_from_cache_file=False, remove_columns=[c for c in dataset.column_names if c not in ("images", ROW)])
     assert isinstance(out, datasets.Dataset)
     return out

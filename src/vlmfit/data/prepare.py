@@ -8,13 +8,16 @@ import hashlib
 import json
 import random
 import shutil
+import sys
 import tempfile
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+from vlmfit import cache
 from vlmfit.config import DataConfig
-from vlmfit.chat.schema import count_image_parts, image_part, text_part
+from vlmfit.chat.schema import ROW, count_image_parts, image_part, text_part
 from vlmfit.data.messages import canonical_messages
 from vlmfit.data.sources import Source, detect_column, open_source
 from vlmfit.data.validate import RowProblem, load_image, require_text
@@ -36,7 +39,7 @@ def _features(task: str, classes: list[str] | None, video: str | None = None):
 
     content = datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")})
     messages = datasets.List({"role": datasets.Value("string"), "content": content})
-    cols = {"images": datasets.List(datasets.Image()), "source_row": datasets.Value("int64"), "split": datasets.Value("string")}
+    cols = {"images": datasets.List(datasets.Image()), ROW: datasets.Value("int64"), "split": datasets.Value("string")}
     if task == "preference":
         cols.update(prompt=messages, chosen=messages, rejected=messages)
     else:
@@ -183,6 +186,7 @@ def _png(img) -> bytes:
 def _convert_video(row: dict, cols: _Columns, src: Source, cfg: DataConfig, prompt: str):
     """A video row -> one example with a video input, or (data.frames_per_example) several image examples."""
     from vlmfit.data.video import sample_frames, split_frames, video_example
+    from vlmfit.models.families import video_frame_multiple
 
     value = row.get(cols.video)
     if not isinstance(value, str) or not value.strip():
@@ -193,8 +197,8 @@ def _convert_video(row: dict, cols: _Columns, src: Source, cfg: DataConfig, prom
     if not path.is_file():
         raise RowProblem(cols.video, f"video file not found: {value}")
     try:
-        # An even frame count: Qwen's vision tower groups frames in pairs (temporal patch 2).
-        video = sample_frames(path, fps=cfg.video_fps, max_frames=cfg.video_max_frames, multiple_of=2)
+        # One prepared set serves every model: a frame count that fills each family's temporal patches (Qwen's pairs).
+        video = sample_frames(path, fps=cfg.video_fps, max_frames=cfg.video_max_frames, multiple_of=video_frame_multiple())
     except UserError as e:
         raise RowProblem(cols.video, e.what) from None
     question = require_text(row, cols.question, "question") if "{question}" in prompt else ""
@@ -248,7 +252,7 @@ def _generate(src: Source, cfg: DataConfig, classes, prompt: str, stats: dict, s
                 examples[split] += 1
                 if "label" in example:
                     per_class[example["label"]] += 1
-                yield {**example, "source_row": row_no, "split": split}
+                yield {**example, ROW: row_no, "split": split}
     stats.update(input_rows=n_in, kept=sum(per_split.values()), skipped=n_in - sum(per_split.values()),
                  per_split={s: per_split[s] for s in SPLITS}, examples_per_split={s: examples[s] for s in SPLITS}, per_class={c: per_class[c] for c in classes if c in per_class},
                  skipped_by_reason=dict(reasons.most_common()), fixes=dict(fixes), image_sizes=dict(sizes),
@@ -376,7 +380,8 @@ def report_markdown(r: dict, out: Path) -> str:
 
 def load_dataset_source(data, cache_root=None):
     """`data` (a DataConfig, or a source string) -> DatasetDict. Built-in sets load directly; a directory written by
-    `vlmfit prepare` loads as is; anything else is prepared first into a cache keyed by the data config and source."""
+    `vlmfit prepare` loads as is; anything else is prepared first into a cache (`cache_root`, by default vlmfit's
+    prepared-data cache) keyed by the data config and everything the preparation reads (prepared_status)."""
     import datasets
 
     cfg = data if isinstance(data, DataConfig) else DataConfig(source=data)
@@ -387,14 +392,120 @@ def load_dataset_source(data, cache_root=None):
     src = Path(cfg.source).expanduser()
     if (src / "prepare_report.json").is_file():
         return datasets.load_from_disk(str(src))
-    key = cfg.model_dump(mode="json", exclude={"train_limit", "eval_limit", "shots_per_class"})
-    if src.exists():
-        st = src.stat()
-        key["_source_state"] = [st.st_size, st.st_mtime_ns]
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    out = Path(cache_root or Path.home() / ".cache" / "vlmfit" / "prepared") / digest
-    if not (out / "prepare_report.json").is_file():
-        if out.exists():
-            shutil.rmtree(out)  # an interrupted earlier attempt
-        prepare(cfg, out)
-    return datasets.load_from_disk(str(out))
+    status = prepared_status(cfg, cache_root)
+    if status.why is not None:
+        if status.notice:  # on stderr: the library has no console here, and stdout may be a report
+            print(status.notice, file=sys.stderr)
+        if status.entry.exists():
+            shutil.rmtree(status.entry)  # an interrupted earlier attempt
+        prepare(cfg, status.entry)
+        manifest = status.entry.parent / MANIFEST
+        old = _read_manifest(manifest)
+        manifest.write_text(json.dumps({**status.manifest, "entry": status.entry.name}) + "\n")
+        superseded = status.entry.parent / old.get("entry", status.entry.name)
+        if superseded != status.entry and superseded.is_dir():
+            shutil.rmtree(superseded)  # prepared from data, code or libraries that are no longer there
+    return datasets.load_from_disk(str(status.entry))
+
+
+PREPARE_FORMAT = 1  # bump when what a prepared entry holds changes: old entries are then never read
+MANIFEST = "manifest.json"  # beside a data config's prepared entry: what that preparation read
+_ANNOTATIONS = ("jsonl", "json", "csv", "parquet")
+
+
+@dataclass
+class Preparation:
+    """A data config's prepared entry in the cache, and whether it is current: `why` is None on a hit, else why it
+    is a miss ("25 files added since the cached preparation", "never prepared")."""
+    entry: Path
+    manifest: dict  # what preparing now reads: config, files, code, libraries
+    why: str | None = None
+    notice: str | None = None  # what a run says as it prepares again ("data changed since ...: preparing again (...)")
+
+
+def prepared_status(cfg: DataConfig, cache_root=None) -> Preparation:
+    """Where `cfg`'s prepared copy is cached and whether it is current, from the files alone (nothing prepared).
+    The entry is keyed by all the preparation reads; a manifest per data config says what changed since."""
+    config = cfg.model_dump(mode="json", exclude={"train_limit", "eval_limit", "shots_per_class"})
+    local = Path(cfg.source).expanduser()
+    if local.exists():  # the same files however the recipe spells their path
+        config["source"] = str(local.resolve())
+    manifest = {"format": PREPARE_FORMAT, "config": config, "files": source_state(cfg),
+                "code": cache.code_fingerprint(), "libraries": cache.library_versions()}
+    home = Path(cache_root) if cache_root is not None else cache.cache_dir("prepared")
+    home /= hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    entry = home / hashlib.sha1(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    if (entry / "prepare_report.json").is_file():
+        return Preparation(entry, manifest)
+    old = _read_manifest(home / MANIFEST)
+    if not old:
+        return Preparation(entry, manifest, "never prepared")
+
+    def miss(what: str, details: str = "") -> Preparation:
+        said = f" ({details})" if details else ""
+        return Preparation(entry, manifest, f"{what} changed since the cached preparation{said}",
+                           f"{what} changed since the cached preparation: preparing again{said}")
+
+    if old["format"] != PREPARE_FORMAT:  # what an older manifest holds is not this one's
+        return miss("the cache format")
+    if files := ", ".join(_file_changes(old["files"], manifest["files"])):
+        return Preparation(entry, manifest, f"{files} since the cached preparation",
+                           f"data changed since the cached preparation: preparing again ({files})")
+    if libraries := ", ".join(f"{k} {old['libraries'].get(k)} -> {v}" for k, v in manifest["libraries"].items()
+                              if old["libraries"].get(k) != v):
+        return miss("library versions", libraries)
+    if old["code"] != manifest["code"]:
+        return miss("vlmfit's code")
+    return Preparation(entry, manifest, "the cached preparation is gone", "the cached preparation is gone: preparing again")
+
+
+def source_state(cfg: DataConfig) -> dict[str, str | list[int] | None]:
+    """What preparing `cfg.source` reads, by path under the source's root: each annotation file's content hash, and
+    [size, mtime_ns] of every image, video and class-folder entry the rows name (None: named but absent). Stat only:
+    no image is read. Built-in and hub data are not files: {}."""
+    if cfg.source.startswith("builtin:"):
+        return {}
+    src = open_source(cfg.source)
+    if src.kind == "hub":
+        return {}
+    root = src.root.resolve()
+    state: dict[str, str | list[int] | None] = {}
+    if src.kind == "hf_disk":  # save_to_disk writes whole new shards: their size and mtime say when they change
+        return {str(f.relative_to(root)): cache.file_stat(f) for f in sorted(root.rglob("*")) if f.is_file()}
+    if src.kind in _ANNOTATIONS:
+        state[Path(src.location).name] = cache.file_digest(Path(src.location))
+    elif src.kind == "parquet_dir":
+        state.update({str(f.relative_to(root)): cache.file_digest(f) for f in sorted(root.rglob("*.parquet"))})
+    columns = None
+    for _, row in src.rows():  # an image folder's rows are its files, one per image
+        if not isinstance(row, dict):
+            continue
+        if columns is None:  # from the first row, as the preparation picks them
+            columns = [c for c in (detect_column(list(row), "image", cfg.image_column),
+                                   detect_column(list(row), "video", cfg.video_column)) if c]
+        for column in columns:
+            value = row.get(column)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, dict) and not v.get("bytes"):  # {bytes, path}: only a path-only image reads a file
+                    v = v.get("path")
+                if isinstance(v, str) and v.strip():
+                    path = (src.base_dir / v).resolve()
+                    if path.is_relative_to(root):  # the preparation skips the others
+                        state.setdefault(str(path.relative_to(root)), cache.file_stat(path))
+    return state
+
+
+def _file_changes(before: dict, after: dict) -> list[str]:
+    """How the files a preparation reads differ from the last one's: "25 files added", "1 file changed", ..."""
+    old, new = ({k for k, v in d.items() if v is not None} for d in (before, after))
+    counts = (("added", len(new - old)), ("removed", len(old - new)),
+              ("changed", sum(before[k] != after[k] for k in old & new)))
+    return [f"{n} file{'s' if n != 1 else ''} {verb}" for verb, n in counts if n]
+
+
+def _read_manifest(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or torn: the next preparation writes it whole
+        return {}
+    return doc if isinstance(doc, dict) and "format" in doc else {}

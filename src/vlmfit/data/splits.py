@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
@@ -28,7 +27,7 @@ def load_splits(cfg: RunConfig) -> Splits:
     """Train and test splits of data.source, limited as configured, and the class labels of the task."""
     from vlmfit.data.prepare import load_dataset_source
 
-    data = load_dataset_source(cfg.data, Path(cfg.output.dir) / ".prepared")
+    data = load_dataset_source(cfg.data)  # prepared into $VLMFIT_CACHE/prepared (vlmfit.cache)
     for split in ("train", "test"):
         if split not in data or len(data[split]) == 0:
             raise UserError(f"dataset has no (or an empty) '{split}' split (has: {', '.join(f'{k} {len(v)}' for k, v in data.items())})",

@@ -106,10 +106,14 @@ def evaluate_classification(model, collator: VisionChatCollator, dataset, labels
 def eval_mode(model) -> None:
     """model.eval(), except bitsandbytes 4-bit layers on CPU stay in training mode: bitsandbytes 0.50 repacks their
     weights for a CPU inference kernel on the first eval-mode forward and keeps using that kernel in later training
-    steps, which then fail. These layers behave the same in both modes otherwise (no dropout, no batch statistics)."""
+    steps, which then fail. These layers behave the same in both modes otherwise (no dropout, no batch statistics).
+    Only bitsandbytes' own class: PEFT's LoRA wrapper around it (also named Linear4bit) stays in eval mode, so its
+    LoRA dropout is off like everywhere else in the model."""
+    import bitsandbytes as bnb  # pinned; imported here so that evaluating an unquantized model does not load it
+
     model.eval()
     for m in model.modules():
-        if type(m).__name__ == "Linear4bit" and getattr(m.weight, "device", None) is not None and m.weight.device.type == "cpu":
+        if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu":
             m.train()
 
 

@@ -68,6 +68,7 @@ def video_examples(paths: list[Path], prompt: str, family, fps: float, max_frame
     """One example per video: frames sampled at `fps` (at most `max_frames`, an even count for Qwen's temporal
     patch), with their timing, as data/prepare.py samples a training video."""
     from vlmfit.data.video import sample_frames, video_example
+    from vlmfit.models.families import video_frame_multiple
 
     if not family.video_token:
         raise UserError(f"the {family.name} family takes images, not videos", where=str(paths[0]),
@@ -75,7 +76,7 @@ def video_examples(paths: list[Path], prompt: str, family, fps: float, max_frame
     examples, meta = [], []
     for p in paths:
         p = Path(p).expanduser()
-        clip = sample_frames(p, fps=fps, max_frames=max_frames, multiple_of=2)
+        clip = sample_frames(p, fps=fps, max_frames=max_frames, multiple_of=video_frame_multiple())  # as prepare samples
         ex = video_example(prompt, "", clip)
         ex["video_meta"] = [{"fps": clip.source_fps, "duration": clip.duration, "timestamps": list(clip.timestamps)}]
         examples.append(ex)

@@ -20,7 +20,7 @@ Facts HF Trainer/PEFT/bitsandbytes set, as this estimate assumes them:
   allocates one copy of the second-moment state for its square root) and a per-tensor loop on the CPU (two
   temporaries the size of the largest trained tensor).
 - vlmfit checkpoints non-reentrantly and removes the input-grad hooks transformers and PEFT add, so a frozen
-  vision tower keeps no activations (PlanInputs.input_grads plans tools that keep the hooks; see _part_modes).
+  vision tower keeps no activations.
 - Attention is sdpa/flash (no s x s matrix). On CUDA with batch > 1 a padding mask is assumed, under which
   transformers repeats K/V to every head before sdpa. Projector activations (one small MLP) are not counted.
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from vlmfit.config import STRATEGIES
+from vlmfit.config import STRATEGIES, quantization_for
 from vlmfit.memory.activations import Dtypes, checkpoint_bytes, layer_bytes, lean_logits_bytes, logits_bytes, working_bytes
 from vlmfit.memory.budget import GiB, SAFETY_MARGIN, verdict
 from vlmfit.memory.shape import ModelShape
@@ -70,8 +70,6 @@ class PlanInputs:
     lora_train_fully: tuple[str, ...] = ()
     lora_dropout: float = 0.05
     media_tokens: tuple[int, int] | None = None  # (LLM tokens, encoder positions) per example, measured: skips the rules
-    input_grads: bool = False  # every tower's input requires grad (transformers' enable_input_require_grads; vlmfit
-    # does not call it: non-reentrant checkpointing does not need it)
     kbit_upcast: bool = True  # prepare_model_for_kbit_training casts non-quantized params to fp32
     dpo_reference: bool = False  # full-tuning DPO keeps a frozen reference copy of the weights
     packing: bool = False  # train.packing: the batch as one row of batch x seq tokens with a block-diagonal mask
@@ -172,7 +170,7 @@ def _resolve_lora(shape: ModelShape, inp: PlanInputs) -> tuple[dict[str, tuple[i
     return shape.cache[key]
 
 
-def _part_modes(shape: ModelShape, inp: PlanInputs, lora: dict, fully: list[str], method: str) -> dict[str, str]:
+def _part_modes(shape: ModelShape, lora: dict, fully: list[str], method: str) -> dict[str, str]:
     """Per part: full / lora / through (frozen but gradients pass through it) / none."""
     from vlmfit.models.targets import part_of
 
@@ -184,11 +182,6 @@ def _part_modes(shape: ModelShape, inp: PlanInputs, lora: dict, fully: list[str]
              for p in ("vision", "projector", "language")}
     if modes["language"] == "none" and (modes["vision"] != "none" or modes["projector"] != "none"):
         modes["language"] = "through"  # the loss is at the top: gradients cross the language model to reach below
-    if inp.input_grads and modes["vision"] == "none":
-        # transformers' enable_input_require_grads hooks the input embeddings of every sub-model, the vision tower's
-        # patch embedding included: a frozen tower then keeps its activations as if it were trained. (vlmfit no longer
-        # calls it; the option plans what tools that do spend.)
-        modes["vision"] = "through"
     return modes
 
 
@@ -216,87 +209,135 @@ def _sequence(shape: ModelShape, inp: PlanInputs, name: str = "") -> tuple[int, 
     return seq, tokens, positions, notes
 
 
-def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
-    """The breakdown for one device (multi-GPU: per GPU, see `per_gpu`)."""
-    method = inp.method
-    quant = "4bit" if method == "qlora" else inp.quantization
+@dataclass(frozen=True)
+class _Bytes:
+    """Bytes per element of a run's tensors, from its dtypes and quantization."""
+
+    quant: str  # the quantization actually used: none | 4bit | 8bit
+    weight: int  # the dtype the weights are loaded in
+    compute: int  # matmul / attention outputs: 2 under bf16/fp16 autocast or a 16-bit unquantized model
+    stream: int  # the residual stream and every non-quantized parameter: fp32 after a k-bit upcast
+    autocast16: bool
+    cuda: bool
+
+
+def _bytes(inp: PlanInputs) -> _Bytes:
+    quant = quantization_for(inp.method, inp.quantization)
     wb = _dtype_bytes(inp.weight_dtype)
     autocast16 = inp.precision in ("bf16", "fp16")
-    cb = 2 if autocast16 or (wb == 2 and quant == "none") else 4
     upcast = quant != "none" and inp.kbit_upcast
-    sb = 4 if upcast else wb
-    cuda = inp.device.startswith("cuda")
-    notes: list[str] = []
+    return _Bytes(quant=quant, weight=wb, compute=2 if autocast16 or (wb == 2 and quant == "none") else 4,
+                  stream=4 if upcast else wb, autocast16=autocast16, cuda=inp.device.startswith("cuda"))
 
-    # --- weights ---------------------------------------------------------------------------------------------
-    other_b = 4 if upcast else wb
-    by_part = {p: n * other_b for p, n in shape.other_params.items()}
+
+def weights_by_part(shape: ModelShape, inp: PlanInputs, by: _Bytes) -> dict[str, float]:
+    """Bytes of the base model as loaded, per part: quantized linears at NF4 or int8, the rest in its dtype."""
+    parts = {p: n * by.stream for p, n in shape.other_params.items()}
     for part, w, b, out, quantized in shape.linears.values():
-        if quant == "4bit" and quantized:
-            by_part[part] += w * NF4_BITS[inp.double_quant] / 8 + b * other_b
-        elif quant == "8bit" and quantized:
-            by_part[part] += w + out * 4 + b * other_b  # int8 weight + an fp32 scale per output row
+        if by.quant == "4bit" and quantized:
+            parts[part] += w * NF4_BITS[inp.double_quant] / 8 + b * by.stream
+        elif by.quant == "8bit" and quantized:
+            parts[part] += w + out * 4 + b * by.stream  # int8 weight + an fp32 scale per output row
         else:
-            by_part[part] += (w + b) * other_b
-    weights = sum(by_part.values())
-    if inp.dpo_reference:
-        weights *= 2
+            parts[part] += (w + b) * by.stream
+    return parts
 
-    if method == "zo":
-        return _forward_only(shape, inp, name, by_part, notes)
 
-    # --- trainable parameters, gradients, optimizer ------------------------------------------------------------
-    lora, fully, n_full = ({}, [], 0) if method == "full" else _resolve_lora(shape, inp)
-    if method == "full":
-        trainable = shape.total_params
-        train_bytes = wb  # trained in the dtype they were loaded in
-        adapters = 0.0
-        big = trainable
-    else:
-        n_lora = sum(inp.lora_r * (i + o) for i, o in lora.values())
-        trainable = n_lora + n_full
-        train_bytes = 4  # PEFT's fp32 adapters; fully trained copies follow the (upcast) dtype
-        adapters = n_lora * 4 + n_full * other_b
-        big = sum(inp.lora_r * (i + o) for i, o in lora.values() if inp.lora_r * min(i, o) >= 4096) + n_full
-    grads = trainable * train_bytes
+@dataclass(frozen=True)
+class _Trainable:
+    """What a run trains: parameter count, bytes per trained value, the adapters' bytes, the LoRA modules."""
+
+    params: int
+    bytes: int  # per value of a gradient or an AdamW state
+    adapters: float  # bytes of the trainable weights beyond the base model (LoRA, fully trained copies)
+    large: int  # parameters in tensors of 4096 elements or more (bitsandbytes' 8-bit optimizers quantize only those)
+    lora: dict[str, tuple[int, int]]  # LoRA module name -> (in, out)
+    fully: list[str]  # roots of the fully trained parts
+
+
+def trainable(shape: ModelShape, inp: PlanInputs, by: _Bytes) -> _Trainable:
+    """Every parameter (full fine-tuning), or the LoRA adapters and fully trained parts vlmfit's resolver picks."""
+    if inp.method == "full":  # trained in the dtype they were loaded in
+        return _Trainable(shape.total_params, by.weight, 0.0, shape.total_params, {}, [])
+    lora, fully, n_full = _resolve_lora(shape, inp)
+    n_lora = sum(inp.lora_r * (i + o) for i, o in lora.values())
+    large = sum(inp.lora_r * (i + o) for i, o in lora.values() if inp.lora_r * min(i, o) >= 4096) + n_full
+    # PEFT's fp32 adapters; fully trained copies follow the (upcast) dtype
+    return _Trainable(n_lora + n_full, 4, n_lora * 4 + n_full * by.stream, large, lora, fully)
+
+
+def optimizer_state(inp: PlanInputs, t: _Trainable) -> float:
+    """Bytes of the optimizer's state: none for SGD, AdamW's two moments (8-bit: 2 B per large-tensor value)."""
     if inp.optim == "sgd":
-        optim = 0.0
-    elif inp.optim in ("adamw-8bit", "paged-adamw-8bit"):
-        optim = big * 2 + (trainable - big) * 8  # bnb keeps fp32 state for tensors under 4096 elements
-    else:
-        optim = trainable * 2 * train_bytes
+        return 0.0
+    if inp.optim in ("adamw-8bit", "paged-adamw-8bit"):
+        return t.large * 2 + (t.params - t.large) * 8  # bnb keeps fp32 state for tensors under 4096 elements
+    return t.params * 2 * t.bytes
 
-    # --- activations -------------------------------------------------------------------------------------------
-    seq, img_tokens, positions, seq_notes = _sequence(shape, inp, name)
-    notes += seq_notes
+
+def optimizer_step(shape: ModelShape, inp: PlanInputs, t: _Trainable, by: _Bytes) -> float:
+    """AdamW's temporaries during the step: one second-moment copy (foreach, CUDA) or two of the largest tensor."""
+    if inp.optim != "adamw":
+        return 0
+    if by.cuda:
+        return t.params * t.bytes
+    largest = (max(shape.largest_param, 1) if inp.method == "full" else
+               max((inp.lora_r * max(i, o) for i, o in t.lora.values()), default=0))
+    return 2 * largest * t.bytes
+
+
+def _activation_dtypes(inp: PlanInputs, by: _Bytes) -> Dtypes:
+    """The dtypes of saved activations: LoRA's input copy under autocast (or an fp32 upcast), the dropout mask."""
+    copy = by.compute if by.autocast16 else (4 if by.stream != 4 else 0)
+    mask = 1 if by.cuda else (copy or by.stream)
+    return Dtypes(stream=by.stream, compute=by.compute, adapter_copy=copy, mask=mask,
+                  expand_kv=by.cuda and inp.batch_size > 1)
+
+
+@dataclass(frozen=True)
+class _Towers:
+    """How the activations of the towers are counted: each part's mode and the key of these facts in shape.cache."""
+
+    modes: dict[str, str]
+    lora_names: set[str]
+    dt: Dtypes
+    key: tuple
+
+
+def _towers(shape: ModelShape, inp: PlanInputs, t: _Trainable, dt: Dtypes) -> _Towers:
+    key = ("modes", inp.method, inp.lora_scope, inp.lora_targets, inp.lora_train_fully, bool(inp.checkpointing))
+    if key not in shape.cache:
+        shape.cache[key] = (_part_modes(shape, t.lora, t.fully, inp.method), set(t.lora))
+    modes, lora_names = shape.cache[key]
+    return _Towers(modes, lora_names, dt, key)
+
+
+def tower_activations(shape: ModelShape, inp: PlanInputs, tw: _Towers, which: str, tokens: int) -> tuple[float, float]:
+    """(saved bytes, backward working bytes) of one tower over `tokens` positions; per-token figures are cached
+    for fit's search."""
+    layers = shape.text_layers if which == "language" else shape.vision_layers
+    mode, ckpt = tw.modes[which], which in inp.checkpointing
+    if not layers or mode == "none":
+        return 0.0, 0.0
+    key = ("tower", which, mode, tw.dt, tw.key, inp.lora_r, inp.lora_dropout, ckpt)
+    if key not in shape.cache:
+        per = [layer_bytes(L, mode, tw.dt, tw.lora_names, inp.lora_r, inp.lora_dropout) for L in layers]
+        work = max(working_bytes(L, tw.dt) for L in layers)
+        if ckpt:
+            shape.cache[key] = (sum(checkpoint_bytes(L, tw.dt) for L in layers), max(per) + work)
+        else:
+            shape.cache[key] = (sum(per), work)
+    saved, working = shape.cache[key]
+    return saved * tokens, working * tokens
+
+
+def language_activations(shape: ModelShape, inp: PlanInputs, tw: _Towers, seq: int) -> tuple[float, float, list[str]]:
+    """(saved bytes, backward working bytes, notes) of the language model: its blocks, the final norm (and the LM
+    head's input when it trains), and under packing the block-diagonal mask."""
     b = inp.batch_size  # DPO: inputs_from_config already doubled it (chosen + rejected)
-    copy = cb if autocast16 else (4 if sb != 4 else 0)
-    mask = 1 if cuda else (copy or sb)
-    dt = Dtypes(stream=sb, compute=cb, adapter_copy=copy, mask=mask, expand_kv=cuda and b > 1)
-    lora_key = ("modes", method, inp.lora_scope, inp.lora_targets, inp.lora_train_fully, inp.input_grads,
-                bool(inp.checkpointing))
-    if lora_key not in shape.cache:
-        shape.cache[lora_key] = (_part_modes(shape, inp, lora, fully, method), set(lora))
-    modes, lora_names = shape.cache[lora_key]
-
-    def tower(which, layers, mode, tokens, ckpt):
-        """(saved bytes, backward working bytes) of one tower; per-token figures are cached for fit's search."""
-        if not layers or mode == "none":
-            return 0.0, 0.0
-        key = ("tower", which, mode, dt, lora_key, inp.lora_r, inp.lora_dropout, ckpt)
-        if key not in shape.cache:
-            per = [layer_bytes(L, mode, dt, lora_names, inp.lora_r, inp.lora_dropout) for L in layers]
-            work = max(working_bytes(L, dt) for L in layers)
-            if ckpt:
-                shape.cache[key] = (sum(checkpoint_bytes(L, dt) for L in layers), max(per) + work)
-            else:
-                shape.cache[key] = (sum(per), work)
-        saved, working = shape.cache[key]
-        return saved * tokens, working * tokens
-
-    lang_mode = modes["language"]
-    lang, lang_work = tower("language", shape.text_layers, lang_mode, b * seq, "language" in inp.checkpointing)
-    final = 4 * shape.hidden + ((sb * 2) * shape.hidden if lang_mode == "full" else 0)  # final norm (+ lm_head input)
+    notes = []
+    lang, work = tower_activations(shape, inp, tw, "language", b * seq)
+    final = 4 * shape.hidden + ((tw.dt.stream * 2) * shape.hidden if tw.modes["language"] == "full" else 0)
     lang += final * b * seq
     per_row = min(b, max(1, inp.pack_tokens // seq)) if inp.pack_tokens else b  # examples in one packed row
     if inp.packing and per_row > 1:
@@ -311,39 +352,27 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
                          + ("" if inp.pack_tokens else " (train.pack_tokens caps a row, and the mask with it)"))
         else:
             notes.append("packing: not for this family (padded batches, as planned)")
-    vis, vis_work = tower("vision", shape.vision_layers, modes["vision"], b * positions, "vision" in inp.checkpointing)
-    if inp.lean_loss:
-        labelled = b * min(inp.label_tokens, seq)
-        logits = lean_logits_bytes(shape.vocab, dt, shape.logit_softcap, labelled, chunk_for(shape.vocab))
-        notes.append(f"loss over {min(inp.label_tokens, seq)} labelled tokens per example (--answer-tokens), not all {seq}")
-    else:
-        logits = logits_bytes(shape.vocab, dt, shape.logit_softcap) * b * seq
+    return lang, work, notes
 
-    # --- phases ------------------------------------------------------------------------------------------------
-    early = shape.params["embeddings"] * train_bytes if method == "full" else 0  # LM head grad comes first
-    alive_grads = grads if inp.grad_accum > 1 else early
-    static = weights + adapters + optim
-    backward = lang + vis + max(logits, lang_work, vis_work) + alive_grads
-    dequant = 0.0
-    if quant != "none":  # bitsandbytes dequantizes one weight at a time to multiply on the CPU / in backward
-        dequant = shape.largest_linear() * cb * (1 if cuda else 2)
-        backward += dequant
-    step = grads
-    if inp.optim == "adamw":
-        largest = (max(shape.largest_param, 1) if method == "full" else
-                   max((inp.lora_r * max(i, o) for i, o in lora.values()), default=0))
-        step += trainable * train_bytes if cuda else 2 * largest * train_bytes
-    peak = static + max(backward, step)
-    overhead = CUDA_OVERHEAD if cuda else 0
-    components = {
-        "weights": weights, "adapters": adapters, "gradients": grads, "optimizer": optim,
-        "activations (language)": lang, "activations (vision)": vis, "logits + loss": logits,
-        "backward working set": max(lang_work, vis_work) + dequant, "optimizer step temporaries": step - grads,
-        "overhead": overhead,
-    }  # fmt: skip
-    if modes["vision"] == "through" and vis > 0.1 * peak and "vision" not in inp.checkpointing:
-        notes.append("the frozen vision tower keeps its activations (its input requires grad); add vision to "
-                     "train.gradient_checkpointing to keep only its block inputs")
+
+def logits_and_loss(shape: ModelShape, inp: PlanInputs, dt: Dtypes, seq: int) -> tuple[float, list[str]]:
+    """Bytes at the loss: the lean loss's labelled positions (chunked), or the full logits of every position."""
+    b = inp.batch_size
+    if not inp.lean_loss:
+        return logits_bytes(shape.vocab, dt, shape.logit_softcap) * b * seq, []
+    labelled = b * min(inp.label_tokens, seq)
+    logits = lean_logits_bytes(shape.vocab, dt, shape.logit_softcap, labelled, chunk_for(shape.vocab))
+    return logits, [f"loss over {min(inp.label_tokens, seq)} labelled tokens per example (--answer-tokens), not all {seq}"]
+
+
+def dequantization(shape: ModelShape, by: _Bytes) -> float:
+    """bitsandbytes dequantizes one weight at a time to multiply on the CPU / in backward."""
+    return shape.largest_linear() * by.compute * (1 if by.cuda else 2) if by.quant != "none" else 0.0
+
+
+def _advice(shape: ModelShape, inp: PlanInputs, modes: dict[str, str], lang: float, peak: float, img_tokens: int) -> list[str]:
+    """What the plan points out: reused image features, activations that checkpointing would cut."""
+    notes = []
     if (inp.reuse_features and img_tokens and modes["vision"] == "none" and modes["projector"] == "none"
             and shape.family is not None and shape.family.feature_cache):
         # Device memory is what the plan shows either way (a frozen tower keeps no activations); the vision forward
@@ -352,15 +381,54 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
                      f"{inp.feature_cache_gib:g} GiB (train.feature_cache_gib)")
     if "language" not in inp.checkpointing and lang > 0.5 * peak:
         notes.append("language activations dominate: gradient checkpointing would cut them to the block inputs")
+    return notes
+
+
+def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
+    """The breakdown for one device (multi-GPU: per GPU, see `per_gpu`)."""
+    by = _bytes(inp)
+    by_part = weights_by_part(shape, inp, by)
+    if inp.method == "zo":
+        return _forward_only(shape, inp, name, by_part)
+    weights = sum(by_part.values()) * (2 if inp.dpo_reference else 1)
+    t = trainable(shape, inp, by)
+    grads = t.params * t.bytes
+    optim = optimizer_state(inp, t)
+
+    seq, img_tokens, positions, notes = _sequence(shape, inp, name)
+    b = inp.batch_size
+    dt = _activation_dtypes(inp, by)
+    tw = _towers(shape, inp, t, dt)
+    lang, lang_work, lang_notes = language_activations(shape, inp, tw, seq)
+    vis, vis_work = tower_activations(shape, inp, tw, "vision", b * positions)
+    logits, loss_notes = logits_and_loss(shape, inp, dt, seq)
+    notes += lang_notes + loss_notes
+
+    # The phases of a step (module docstring): the gradients alive in backward are all of them under gradient
+    # accumulation, else those made first (full fine-tuning: the LM head's).
+    early = shape.params["embeddings"] * t.bytes if inp.method == "full" else 0
+    static = weights + t.adapters + optim
+    dequant = dequantization(shape, by)
+    backward = lang + vis + max(logits, lang_work, vis_work) + (grads if inp.grad_accum > 1 else early) + dequant
+    step = grads + optimizer_step(shape, inp, t, by)
+    peak = static + max(backward, step)
+    overhead = CUDA_OVERHEAD if by.cuda else 0
+    components = {
+        "weights": weights, "adapters": t.adapters, "gradients": grads, "optimizer": optim,
+        "activations (language)": lang, "activations (vision)": vis, "logits + loss": logits,
+        "backward working set": max(lang_work, vis_work) + dequant, "optimizer step temporaries": step - grads,
+        "overhead": overhead,
+    }  # fmt: skip
+    notes += _advice(shape, inp, tw.modes, lang, peak, img_tokens)
     return Breakdown(
-        model=name, inputs=inp, params=dict(shape.params), trainable_params=int(trainable), weights_by_part=by_part,
+        model=name, inputs=inp, params=dict(shape.params), trainable_params=int(t.params), weights_by_part=by_part,
         tokens={"seq_len": seq, "image_tokens": img_tokens, "vision_positions": positions, "batch": b},
         components=components, phases={"static": static, "backward": backward, "step": step},
         peak=peak + overhead, notes=notes,
     )  # fmt: skip
 
 
-def _forward_only(shape: ModelShape, inp: PlanInputs, name: str, by_part: dict[str, float], notes: list[str]) -> Breakdown:
+def _forward_only(shape: ModelShape, inp: PlanInputs, name: str, by_part: dict[str, float]) -> Breakdown:
     """Forward-only training (MeZO / SharpZO on LoRA adapters): the weights, the fp32 adapters and what one
     inference forward of a batch holds at its peak (measured at 1.00x an inference forward: docs/BENCHMARKS.md).
     No gradients and no optimizer state on the device; SharpZO's CMA-ES population lives on the host."""
@@ -375,8 +443,7 @@ def _forward_only(shape: ModelShape, inp: PlanInputs, name: str, by_part: dict[s
     lora, fully, n_full = _resolve_lora(shape, inp)
     n_lora = sum(inp.lora_r * (i + o) for i, o in lora.values())
     adapters = n_lora * 4 + n_full * _dtype_bytes(inp.weight_dtype)
-    seq, img_tokens, positions, seq_notes = _sequence(shape, inp, name)
-    notes += seq_notes
+    seq, img_tokens, positions, notes = _sequence(shape, inp, name)
     b = inp.batch_size
     cb = 2 if inp.precision in ("bf16", "fp16") or _dtype_bytes(inp.weight_dtype) == 2 else 4
     sb = _dtype_bytes(inp.weight_dtype)

@@ -20,6 +20,7 @@ import itertools
 from dataclasses import replace
 from pathlib import Path
 
+from vlmfit.config import quantization_for
 from vlmfit.errors import UserError
 from vlmfit.memory.budget import GiB, SAFETY_MARGIN
 from vlmfit.memory.estimate import Breakdown, PlanInputs, estimate, inputs_from_config, recipe_shape
@@ -61,7 +62,7 @@ def _candidate(inp: PlanInputs, res_key: str | None, method, quant, ckpt, optim,
     if method == "full" and quant != "none":
         return None  # bitsandbytes weights cannot be trained in full
     g = inp.batch_size * inp.grad_accum
-    new = replace(inp, method=method, quantization="4bit" if method == "qlora" else quant, checkpointing=ckpt,
+    new = replace(inp, method=method, quantization=quantization_for(method, quant), checkpointing=ckpt,
                   optim=optim, batch_size=batch, grad_accum=g // batch)
     if res_key:
         new = replace(new, **{res_key: res})

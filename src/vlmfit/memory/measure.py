@@ -175,13 +175,13 @@ def measure_recipe(cfg, steps: int = 3, shape=None):
     from vlmfit.chat.rows import RowCollator
     from vlmfit.data.splits import load_splits
     from vlmfit.errors import UserError
-    from vlmfit.models.load import load
+    from vlmfit.models.load import load_for
     from vlmfit.models.packing import packing_refusal, unpack_inputs
     from vlmfit.models.targets import enable_checkpointing, make_trainable
 
     if cfg.method == "dpo":
         raise UserError("--measure runs supervised steps; a DPO recipe is planned but not measured", where="method")
-    loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
+    loaded = load_for(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.method != "qlora" and cfg.model.quantization == "none":
         loaded.model.to(device)  # bitsandbytes already placed a quantized model

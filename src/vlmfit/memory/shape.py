@@ -76,7 +76,7 @@ def _embedding_modules(model: nn.Module, family: Family) -> set[str]:
     position embeddings of a vision tower stay in the vision part."""
     out = {n for n, m in model.named_modules()
            if isinstance(m, nn.Embedding) and m.weight.shape[0] > 1000 and part_of(n, family) in ("language", None)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = model.get_output_embeddings()  # a PreTrainedModel's (meta_model builds one): None without an LM head
     out |= {n for n, m in model.named_modules() if head is not None and m is head}
     return out
 
@@ -110,7 +110,7 @@ def _role(name: str) -> str:
     return _MLP_ROLES.get(leaf, "other")
 
 
-def layer_shape(layer: nn.Module, prefix: str = "", model: str = "") -> LayerShape:
+def layer_shape(layer: nn.Module, family: Family, prefix: str = "", model: str = "") -> LayerShape:
     linears = [(f"{prefix}{n}", _role(n), m.in_features, m.out_features)
                for n, m in layer.named_modules() if isinstance(m, nn.Linear)]
     by = {}
@@ -124,6 +124,7 @@ def layer_shape(layer: nn.Module, prefix: str = "", model: str = "") -> LayerSha
         kv = by.get("k", (0, q))[1]
         v = by["v"][1] if "v" in by else kv  # Gemma 4 full-attention layers reuse K as V
     # The attention module's own head count, else its config's: never a guess (attention scores scale with it).
+    # Probes by design: the planner reads blocks of any architecture, and each names these attributes its own way.
     heads = next((getattr(m, "num_heads", None) or getattr(m, "num_attention_heads", None)
                   for m in layer.modules() if hasattr(m, "head_dim") and hasattr(m, "config")), None)
     if not heads:
@@ -137,13 +138,13 @@ def layer_shape(layer: nn.Module, prefix: str = "", model: str = "") -> LayerSha
     for _, m in layer.named_modules():
         cls = type(m).__name__
         if "Norm" in cls and not list(m.children()):
-            w = getattr(m, "weight", None)
+            w = getattr(m, "weight", None)  # a norm without a learned scale (elementwise_affine=False) has none
             width = int(w.shape[0]) if w is not None else None
             if width == hidden or (width is None and not norms):
                 norms.append(hidden)
             else:
                 head_norms += q if not head_norms else kv  # q_norm over the queries, k/v norms over the keys
-            fp32_scale = fp32_scale or cls.startswith("Gemma")
+            fp32_scale = fp32_scale or cls in family.fp32_norms
             layernorm = layernorm or isinstance(m, nn.LayerNorm)
     return LayerShape(hidden, q, kv, v, int(heads), mlp, "gate" in by, norms, head_norms, fp32_scale, layernorm,
                       linears)
@@ -177,8 +178,8 @@ def model_shape(config, name: str = "") -> ModelShape:
             other[part] += p.numel()
     lists = _layer_lists(model, family, embeddings)
     prefix = {id(m): n for n, m in model.named_modules()}
-    text = [layer_shape(lay, prefix[id(lay)] + ".", name) for lay in lists.get("language", [])]
-    vision = [layer_shape(lay, prefix[id(lay)] + ".", name) for lay in lists.get("vision", [])]
+    text = [layer_shape(lay, family, prefix[id(lay)] + ".", name) for lay in lists.get("language", [])]
+    vision = [layer_shape(lay, family, prefix[id(lay)] + ".", name) for lay in lists.get("vision", [])]
     tc = config.get_text_config()
     return ModelShape(
         config=config, model_type=config.model_type, family=family, model=model, params=params, linears=linears,

@@ -4,6 +4,7 @@ hyperparameter advice. Adding a family = adding one entry here (and one tiny-mod
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,7 +16,7 @@ DUAL_ENCODER_TYPES = ("clip",)
 
 def require(config, key: str, model: str = ""):
     """config.<key>, or a UserError naming the key and the model: the planner never guesses a missing value."""
-    value = getattr(config, key, None)
+    value = getattr(config, key, None)  # a probe by design: which keys a config has is what this checks
     if value is None:
         kind = type(config).__name__
         raise UserError(f"the model config has no '{key}' ({kind}{f' of {model}' if model else ''})", where="model.name",
@@ -123,6 +124,17 @@ class Family:
     packing_note: str = ""
     # The pixel tensors carry a batch dimension before the images (Idefics3: [batch, images, C, H, W]).
     images_per_row: bool = False
+    # Per-position tensors the processor returns besides input_ids and attention_mask, each with the value that pads
+    # it (0: text). chat/rows.py pads, packs and splits these along the sequence (with input_ids, attention_mask and
+    # vlmfit's labels); every other tensor of an encoding is per image, tile or video. tests/test_packing.py checks
+    # them against each family's processor output.
+    sequence_inputs: tuple[tuple[str, int], ...] = ()
+    # Video frames the vision tower folds into one temporal patch (Qwen: 2, its processor repeats the last frame to
+    # fill one); sampling a multiple of it wastes no compute on a repeated frame (see video_frame_multiple).
+    temporal_patch: int = 1
+    # Norm classes that scale by their weight in fp32 (Gemma's RMSNorm: x * (1 + w) in float) rather than in the
+    # input dtype: the planner counts an fp32 copy of their input (memory/shape.py, memory/activations.py).
+    fp32_norms: tuple[str, ...] = ()
     # Frozen-tower image features can be handed back through `mm_encoder_outputs` (models/features.py): set only
     # where tests/test_features.py shows the same loss and gradients. Not Qwen3-VL (its deepstack features are
     # not in that input), SmolVLM (features per tile, not per image) or Gemma 4 (not verified).
@@ -142,6 +154,8 @@ _QWEN = dict(
     language_prefixes=("model.language_model.",),
     # mm_token_type_ids: without it M-RoPE cannot place the image tokens (transformers raises for Qwen2-VL and up)
     required_inputs=("pixel_values", "image_grid_thw", "mm_token_type_ids"),
+    sequence_inputs=(("mm_token_type_ids", 0),),
+    temporal_patch=2,
     resolution="pixels",
     resolution_caps=(1003520, 602112, 401408, 200704, 100352),  # 1280 / 768 / 512 / 256 / 128 tokens
     image_features=_qwen_features,
@@ -189,6 +203,8 @@ FAMILIES: dict[str, Family] = {
             projector_prefixes=("model.multi_modal_projector.",),
             language_prefixes=("model.language_model.",),
             required_inputs=("pixel_values", "token_type_ids"),
+            sequence_inputs=(("token_type_ids", 0),),
+            fp32_norms=("Gemma3RMSNorm",),
             # Every image is resized to 896x896 (4096 patches of 14 px), pooled to mm_tokens_per_image (256).
             image_rule=ImageRule("fixed", tokens_key="mm_tokens_per_image", note="fixed 256 tokens; encoder 4096 patches at 896 px"),
             image_features=_fixed_per_image(lambda c: c.mm_tokens_per_image),
@@ -211,6 +227,8 @@ FAMILIES: dict[str, Family] = {
             resolution="soft_tokens",
             resolution_caps=(280, 140, 70),
             required_inputs=("pixel_values", "mm_token_type_ids"),
+            sequence_inputs=(("mm_token_type_ids", 0),),
+            fp32_norms=("Gemma4RMSNorm",),
             # Patch 16, pooling 3; pixels are padded to max_soft_tokens*9 patches, so the encoder always runs that
             # many positions. Default 280 soft tokens per image, 70 per video frame.
             image_rule=ImageRule("soft_tokens", soft_tokens=280, video_soft_tokens=70, note="max_soft_tokens, encoder 9x"),
@@ -251,6 +269,8 @@ FAMILIES: dict[str, Family] = {
             projector_prefixes=("model.multi_modal_projector.",),
             language_prefixes=("model.language_model.",),
             required_inputs=("pixel_values", "token_type_ids"),
+            sequence_inputs=(("token_type_ids", 0),),
+            fp32_norms=("GemmaRMSNorm", "Gemma2RMSNorm"),  # PaliGemma on Gemma, PaliGemma 2 on Gemma 2
             prompt_style="prefix_suffix",
             label_method="suffix",
             image_rule=ImageRule("fixed", note="(image_size/patch)^2 tokens"),
@@ -270,9 +290,17 @@ GENERIC_PARTS = (
 )
 
 
+def video_frame_multiple() -> int:
+    """The frame count every family's video tower takes without a repeated frame: what sampling uses where the model
+    is not known yet (`vlmfit prepare` and the built-in sets write one dataset for every model)."""
+    return math.lcm(*(f.temporal_patch for f in FAMILIES.values()))
+
+
 def generic_family(model_type: str, processor=None) -> Family:
     """The one family for a model vlmfit has no table for: labels by prefix rendering (the processor's own chat
-    template), parts by module-name keywords (GENERIC_PARTS), no image-token rule beyond one token per patch."""
+    template), parts by module-name keywords (GENERIC_PARTS), no image-token rule beyond one token per patch; the
+    per-position inputs and fp32 norms of every known family (an unknown VLM may be built on any of their models)."""
+    # probes by design: an unknown processor may lack any of these (a text-only tokenizer, no image token)
     tok = getattr(processor, "tokenizer", None)
     return Family(
         name=f"generic:{model_type}",
@@ -283,6 +311,8 @@ def generic_family(model_type: str, processor=None) -> Family:
         image_token=getattr(processor, "image_token", None) or "<image>",
         video_token=getattr(processor, "video_token", None),
         label_method="prefix",
+        sequence_inputs=tuple(dict.fromkeys(kv for f in FAMILIES.values() for kv in f.sequence_inputs)),
+        fp32_norms=tuple(dict.fromkeys(c for f in FAMILIES.values() for c in f.fp32_norms)),
     )
 
 

@@ -23,7 +23,7 @@ def feature_cache_refusal(model, family: Family) -> str | None:
         if p.requires_grad and part_of(name.removeprefix("base_model.model."), family) in ("vision", "projector"):
             return "the vision tower or projector trains (lora.scope / lora.train_fully / method full)"
     for name, module in model.named_modules():
-        rate = getattr(module, "p", None) if isinstance(module, torch.nn.Dropout) else None
+        rate = module.p if isinstance(module, torch.nn.Dropout) else None
         if rate and part_of(name.removeprefix("base_model.model."), family) in ("vision", "projector"):
             return "the vision tower has dropout, so its features differ each time"
     return None
@@ -41,6 +41,8 @@ class FeatureCache:
 
     def inputs(self, model, batch: dict) -> dict:
         """The batch with its images' features in `mm_encoder_outputs` instead of `pixel_values`."""
+        from peft import PeftModel
+
         keys = batch.pop(IMAGE_KEYS, None)
         if not keys or "pixel_values" not in batch or self.off:
             return batch
@@ -55,7 +57,7 @@ class FeatureCache:
         else:
             self.misses += sum(f is None for f in found)
             grid = {"image_grid_thw": batch["image_grid_thw"]} if "image_grid_thw" in batch else {}
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model wraps it
+            base = model.get_base_model() if isinstance(model, PeftModel) else model
             with torch.no_grad():
                 encoded = base.get_image_features(pixel_values=batch["pixel_values"], return_dict=True, **grid).pooler_output
             self.stacked = torch.is_tensor(encoded)

@@ -212,6 +212,15 @@ def load(name: str, dtype: str = "auto", revision: str | None = None, model_cfg=
     return Loaded(model, processor, family, ref)
 
 
+def load_for(cfg, name: str | None = None, dtype: str | None = None) -> Loaded:
+    """The model a recipe (a RunConfig) trains: its model section (resolution caps, remote code, pickle rule) and the
+    quantization its method implies. `name` loads other weights under the same section (an earlier run's); the
+    revision then does not apply. `dtype` overrides model.dtype (export merges in float32)."""
+    m = cfg.model
+    name = name or m.name
+    return load(name, dtype or m.dtype, m.revision if name == m.name else None, m, cfg.quantization)
+
+
 def check_image_token(model, processor, family: Family, name: str) -> None:
     """The processor writes the image placeholder the model replaces with image features: a processor from another
     checkpoint (or an edited tokenizer) would put the features nowhere, or index past the embedding, mid-run."""

@@ -44,7 +44,7 @@ def quantizable(name: str, module: nn.Module, family: Family, model: nn.Module) 
     if type(module) is not nn.Linear or module is model.get_output_embeddings():
         return False
     return (part_of(name, family) not in ("vision", "projector") and module.in_features % BNB_BLOCK == 0
-            and not _kept_in_fp32(name, list(getattr(model, "_keep_in_fp32_modules", None) or [])))
+            and not _kept_in_fp32(name, list(model._keep_in_fp32_modules or [])))  # PreTrainedModel's; None: none
 
 
 def unquantized_linears(model: nn.Module, family: Family) -> list[str]:

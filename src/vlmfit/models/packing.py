@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from vlmfit.errors import UserError
 from vlmfit.models.families import Family
 
 SEGMENTS = "vlmfit_segments"  # batch key, [examples, 4]: row, tokens, images, videos of each packed example, in order
@@ -23,11 +22,11 @@ def packing_refusal(family: Family) -> str | None:
 
 
 def _rope_index_owner(model):
-    for module in model.modules():
-        if hasattr(module, "get_rope_index"):
-            return module
-    raise UserError(f"{type(model).__name__} has no get_rope_index, which M-RoPE packing needs",
-                    hint="set train.packing: false")
+    """The Qwen*VLModel inside the *ForConditionalGeneration (under PEFT's wrapper when adapted): the module whose
+    get_rope_index the M-RoPE families' forward calls (transformers 5.24)."""
+    from peft import PeftModel
+
+    return (model.get_base_model() if isinstance(model, PeftModel) else model).model
 
 
 @torch.no_grad()

@@ -23,19 +23,22 @@ class TowerSync:
     def __init__(self, processor, videos: bool = False):
         self.inputs: dict[str, dict] = {}
         blank = Image.new("RGB", (64, 64))
-        image_processor = getattr(processor, "image_processor", None)
-        if image_processor is not None:
-            self.inputs["pixel_values"] = dict(image_processor(images=[blank], return_tensors="pt"))
-        video_processor = getattr(processor, "video_processor", None)
-        if videos and video_processor is not None:
+        parts = type(processor).get_attributes()  # the sub-processors this processor class is made of
+        if "image_processor" in parts:
+            self.inputs["pixel_values"] = dict(processor.image_processor(images=[blank], return_tensors="pt"))
+        if videos and "video_processor" in parts:
             frames = np.zeros((2, 64, 64, 3), dtype=np.uint8)
-            self.inputs["pixel_values_videos"] = dict(video_processor(videos=[frames], return_tensors="pt"))
+            self.inputs["pixel_values_videos"] = dict(processor.video_processor(videos=[frames], return_tensors="pt"))
 
     def touch(self, model, batch: dict) -> torch.Tensor | None:
         """0 x the features of a blank input for each modality this batch lacks (None when it lacks none)."""
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model wraps it
+        from peft import PeftModel
+
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
         total = None
         for key, method in MODALITIES:
+            # hasattr: a processor can take a modality the model class has no get_*_features for (Gemma 4's video
+            # processor; Gemma4ForConditionalGeneration has no get_video_features in transformers 5.24)
             if key in batch or key not in self.inputs or not hasattr(base, method):
                 continue
             fn = getattr(base, method)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from transformers import set_seed
 
 from vlmfit.chat.collate import LABEL_METHODS, PreferenceCollator, VisionChatCollator
 from vlmfit.chat.length import apply_length_policy
@@ -24,34 +23,24 @@ from vlmfit.errors import UserError
 from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.evaluate.preference import evaluate_preference
 from vlmfit.launch.ranks import barrier, is_main, main_first
-from vlmfit.models.load import Loaded, check_model, load
+from vlmfit.models.load import Loaded, load_for
 from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, enable_checkpointing, peft_config, prepare_kbit,
                                    resolve_for)
-from vlmfit.report import plot_loss, write_html, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.tracking import require_trackers, track_locally
-from vlmfit.train.trainer import (DivergenceGuard, callbacks, note_uneven_epoch, final_loss, launch_arguments, open_run, param_counts,
-                                  quiet_printing, rank_console, report_targets, require_disk_for_checkpoints, resume_point,
-                                  run_training, shared_run_name, trainer_arguments, vlmfit_trainer, with_row_ids)
+from vlmfit.train.callbacks import DivergenceGuard
+from vlmfit.train.run import begin, final_loss, param_counts, report_targets
+from vlmfit.train.tracking import track_locally
+from vlmfit.train.trainer import (launch_arguments, note_uneven_epoch, quiet_printing, run_training, trainer_arguments,
+                                  trainer_callbacks, vlmfit_trainer, with_row_ids)
 
 
 def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | None = None, overwrite: bool = False) -> Path:
     """Run the recipe end to end and return the run directory (`resume`: continue that run from its last complete
-    checkpoint, exactly)."""
-    console = console or Console()
-    if cfg.train.loss_on != "assistant":
-        raise UserError("DPO compares the final replies of each pair; train.loss_on: all does not apply",
-                        where="train.loss_on", hint="remove train.loss_on (or set it to assistant) for method dpo")
-    if cfg.model.quantization != "none" and cfg.dpo.tuning == "full":
-        raise UserError(f"a {cfg.model.quantization} quantized model cannot be trained in full", where="dpo.tuning",
-                        hint="dpo.tuning: lora trains adapters on the quantized base (QLoRA), or set model.quantization: none")
-    set_seed(cfg.train.seed)
-    console = rank_console(console)
-    cfg = shared_run_name(cfg)
+    checkpoint, exactly). What the recipe refuses (loss_on: all, full tuning of a quantized base) config.py refuses."""
+    life = begin(cfg, console, resume)
+    cfg, console = life.cfg, life.console
     with main_first():  # launched: rank 0 builds the caches and the run directory, then the other ranks read them
-        check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
-        require_trackers(cfg)
-        start_point = resume_point(resume) if resume else None
+        life.check()  # a wrong model name, a missing tracker or a bad resume fails before any data is prepared
         if cfg.dpo.init_from:
             start_run(cfg)  # an init_from that is not a run directory fails before any data is prepared
         data = load_pairs(cfg)
@@ -60,15 +49,11 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
         collator = PreferenceCollator(chat)
         console.print(f"family [bold]{loaded.family.name}[/]; {len(data.train)} training pairs ({data.kinds}); replies "
                       f"found by {chat.label_method} ({LABEL_METHODS[chat.label_method]})")
-        train_pairs, length_report = apply_length_policy(data.train, collator, cfg, console)
-        train_pairs = with_row_ids(train_pairs)
+        train_pairs, length_report = apply_length_policy(with_row_ids(data.train), collator, cfg, console)
         note_uneven_epoch(len(train_pairs), cfg, console)
-        require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
-        run = open_run(cfg, overwrite, resume)  # only once every check above has passed
-    console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start_point[0]})" if start_point else ""))
+        run = life.open(overwrite, loaded)
 
-    source_rows = train_pairs["source_row"] if "source_row" in train_pairs.column_names else None
-    guard = DivergenceGuard(cfg, run, source_rows)
+    guard = DivergenceGuard(cfg, run)
     trainer, reference = make_trainer(loaded, collator, train_pairs, cfg, run, console, start, guard)
     model, ref_model = trainer.model, trainer.ref_model
     console.print(f"reference: {reference}")
@@ -80,7 +65,7 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
         barrier()
 
     t0 = time.perf_counter()
-    result = run_training(trainer, run, guard, start_point[1] if start_point else None)
+    result = run_training(trainer, run, guard, life.checkpoint)
     train_seconds = time.perf_counter() - t0
     params = param_counts(model)
     if not is_main():  # the other ranks' part ends with the training steps: rank 0 saves, evaluates, reports
@@ -95,20 +80,15 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
         # directory alone reproduces it (`vlmfit eval RUN` loads model/ first). Last, because merging is in place.
         run.save_model(model.merge_and_unload(), loaded.processor)
         weights = "adapter/ (on the weights of dpo.init_from) and model/ (merged)"
-
-    run.write_summary(RunSummary(
+    return life.finish(RunSummary(
         method="dpo", steps=result.global_step, train_seconds=train_seconds, final_loss=final_loss(run), **params,
         train_examples=len(train_pairs), test_examples=len(data.test), weights=weights,
-        label_method=LABEL_METHODS[chat.label_method], lengths=length_report,
-        resumed_from=[start_point[0]] if start_point else None, divergence=guard.events or None,
+        label_method=LABEL_METHODS[chat.label_method], lengths=length_report, resumed_from=life.resumed_from,
+        divergence=guard.events or None,
         dpo={"tuning": cfg.dpo.tuning, "beta": cfg.dpo.beta, "loss_type": cfg.dpo.loss_type, "reference": reference,
              "start": str(cfg.dpo.init_from or cfg.model.name), "pairs": data.kinds, "has_task": data.task_test is not None},
         tracking=track_locally(cfg, run) or None,
-    ))
-    plot_loss(run)
-    write_report(run)
-    write_html(run, data.task_test)
-    return run.path
+    ), data.task_test)
 
 
 @dataclass
@@ -180,7 +160,7 @@ def load_start(cfg: RunConfig, console: Console) -> tuple[Loaded, str]:
 
 def load_base(name: str, cfg: RunConfig) -> Loaded:
     """The weights to start from, with the model section's resolution caps and quantization (QLoRA: 4bit + lora)."""
-    loaded = load(name, cfg.model.dtype, cfg.model.revision if name == cfg.model.name else None, cfg.model)
+    loaded = load_for(cfg, name)
     loaded.model = prepare_kbit(loaded.model)  # a quantized base: norms upcast and input grads on, as for SFT
     return loaded
 
@@ -224,7 +204,7 @@ def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg:
     guard = guard or DivergenceGuard(cfg, run)
     trainer = vlmfit_trainer(DPOTrainer, guard)(
         model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, data_collator=collator,
-        processing_class=loaded.processor, peft_config=lora, callbacks=callbacks(run, guard))
+        processing_class=loaded.processor, peft_config=lora, callbacks=trainer_callbacks(run, guard, cfg))
     quiet_printing(trainer)
     if cfg.train.gradient_checkpointing:
         drop_input_grad_hooks(trainer.model)  # PEFT re-hooks the inputs when TRL wraps the checkpointed model
@@ -246,10 +226,10 @@ def evaluate(model, ref_model, scorer: PreferenceCollator, data: Pairs, cfg: Run
 
 
 def save_policy(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:
-    run.save_processor(loaded.processor)
     if not cfg.output.save_model:
+        run.save_processor(loaded.processor)
         return "not saved (output.save_model: false)"
-    if cfg.dpo.tuning == "full":
-        return run.save_model(model, loaded.processor)
+    if cfg.full_weights:
+        return run.save_trained(model, loaded.processor, "model")
     # The trained adapter only: TRL's frozen 'ref' copy (when continuing an adapter) is not part of the result.
-    return run.save_adapter(model, adapters=["default"])
+    return run.save_trained(model, loaded.processor, "adapter", adapters=["default"])

@@ -92,7 +92,7 @@ class StepProfiler(TrainerCallback):
         for h in self.hooks:
             h.remove()
         if self.steps:
-            self.run.write_json("profile.json", self.summary())
+            self.run.write_profile(self.summary())
 
 
 def profile_table(summary: dict):

@@ -1,7 +1,7 @@
 """Supervised fine-tuning recipe: config -> model + processor -> examples -> collator -> TRL SFTTrainer -> run dir.
 
 Read top to bottom: `train_sft` is the whole recipe; what it shares with the other recipes lives in leaf modules
-(train/trainer.py, data/splits.py, models/targets.py, chat/).
+(train/run.py: the lifecycle; train/trainer.py: the TRL glue; data/splits.py, models/targets.py, chat/).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
-from transformers import set_seed
 
+from vlmfit.cache import cache_dir
 from vlmfit.chat.collate import LABEL_METHODS, VisionChatCollator
 from vlmfit.chat.length import apply_length_policy
 from vlmfit.chat.rows import EncodedCache, RowCollator, processor_fingerprint
@@ -21,31 +21,26 @@ from vlmfit.data.splits import load_splits, require_chat, validation_split
 from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.launch.ranks import barrier, is_main, main_first, world_size
 from vlmfit.models.features import FeatureCache, feature_cache_refusal
-from vlmfit.models.load import Loaded, check_model, load
+from vlmfit.models.load import Loaded, load_for
 from vlmfit.models.packing import packing_refusal
 from vlmfit.models.towers import TowerSync
 from vlmfit.models.targets import enable_checkpointing, make_trainable
-from vlmfit.models.tiny.corpus import cache_home
-from vlmfit.report import plot_loss, write_html, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.tracking import require_trackers, track_locally
-from vlmfit.train.trainer import (DivergenceGuard, EvalDuring, callbacks, note_uneven_epoch, final_loss, param_counts, quiet_printing, report_targets,
-                                  launch_arguments, open_run, rank_console, require_disk_for_checkpoints, resume_point,
-                                  run_training, shared_run_name, sync_towers, trainer_arguments, vlmfit_trainer,
-                                  with_row_ids)
+from vlmfit.train.callbacks import DivergenceGuard, EvalDuring
+from vlmfit.train.run import begin, final_loss, param_counts, report_targets
+from vlmfit.train.tracking import track_locally
+from vlmfit.train.trainer import (launch_arguments, note_uneven_epoch, quiet_printing, run_training, sync_towers,
+                                  trainer_arguments, trainer_callbacks, vlmfit_trainer, with_row_ids)
 
 
 def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = False, resume: RunDir | None = None,
               overwrite: bool = False) -> Path:
     """Run the recipe end to end and return the run directory (`profile`: where each step's time goes, printed
-    and in profile.json; `resume`: continue that run from its last complete checkpoint, exactly)."""
-    console = rank_console(console or Console())
-    set_seed(cfg.train.seed)
-    cfg = shared_run_name(cfg)
+    and in the run directory; `resume`: continue that run from its last complete checkpoint, exactly)."""
+    life = begin(cfg, console, resume)
+    cfg, console = life.cfg, life.console
     with main_first():  # launched: rank 0 builds the caches and the run directory, then the other ranks read them
-        check_model(cfg.model.name, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)  # a wrong model name fails before any data is prepared
-        require_trackers(cfg)
-        start = resume_point(resume) if resume else None
+        life.check()  # a wrong model name, a missing tracker or a bad resume fails before any data is prepared
         splits = load_splits(cfg)
         require_chat(splits)
         validation = None
@@ -53,16 +48,13 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
             train_split, validation, origin = validation_split(splits, cfg)
             splits = replace(splits, train=train_split)
             console.print(f"evaluation every {cfg.eval.every_steps} steps on {len(validation)} validation examples ({origin})")
-        loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model, "4bit" if cfg.method == "qlora" else "none")
+        loaded = load_for(cfg)
         collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
         console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
                       f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
-        train_ds, length_report = apply_length_policy(splits.train, collator, cfg, console)
-        train_ds = with_row_ids(train_ds)
+        train_ds, length_report = apply_length_policy(with_row_ids(splits.train), collator, cfg, console)
         note_uneven_epoch(len(train_ds), cfg, console)
-        require_disk_for_checkpoints(loaded, cfg, resume.path if resume else cfg.output.dir)
-        run = open_run(cfg, overwrite, resume)  # only once every check above has passed
-    console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming from step {start[0]})" if start else ""))
+        run = life.open(overwrite, loaded)
 
     if cfg.eval.before and not (resume and run.evals()[0] is not None):
         if is_main():
@@ -73,8 +65,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     model, resolved = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
     if resolved is not None:
         report_targets(resolved, console, run)
-    source_rows = train_ds["source_row"] if "source_row" in train_ds.column_names else None
-    guard = DivergenceGuard(cfg, run, source_rows)
+    guard = DivergenceGuard(cfg, run)
     features = image_feature_cache(model, loaded.family, cfg, console)
     sync = sync_towers(model, loaded.family, loaded.processor, cfg, videos="videos" in train_ds.column_names)
     trainer = make_trainer(model, loaded, train_collator(collator, cfg, console, image_keys=features is not None), train_ds,
@@ -95,7 +86,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         profiler.attach(trainer.model, loaded.family)
         trainer.add_callback(profiler)
     t0 = time.perf_counter()
-    result = run_training(trainer, run, guard, start[1] if start else None)
+    result = run_training(trainer, run, guard, life.checkpoint)
     train_seconds = time.perf_counter() - t0
     if profiler is not None and profiler.steps:
         from vlmfit.train.profile import profile_table
@@ -109,18 +100,13 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
     if cfg.eval.after:
         run.write_eval("after", evaluate_task(model, collator, splits.test, splits.labels, cfg.eval, console, "after training",
                                                  cfg.data.task))
-
-    run.write_summary(RunSummary(
+    return life.finish(RunSummary(
         method=cfg.method, steps=result.global_step, train_seconds=train_seconds, final_loss=final_loss(run),
         **param_counts(model), train_examples=len(train_ds), test_examples=len(splits.test), weights=weights,
-        label_method=LABEL_METHODS[collator.label_method], lengths=length_report,
-        resumed_from=[start[0]] if start else None, divergence=guard.events or None,
-        best=during.best() if during is not None else None, tracking=track_locally(cfg, run) or None,
-    ))
-    plot_loss(run)
-    write_report(run)
-    write_html(run, splits.test)
-    return run.path
+        label_method=LABEL_METHODS[collator.label_method], lengths=length_report, resumed_from=life.resumed_from,
+        divergence=guard.events or None, best=during.best() if during is not None else None,
+        tracking=track_locally(cfg, run) or None,
+    ), splits.test)
 
 
 def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run: RunDir, guard: DivergenceGuard | None = None,
@@ -136,7 +122,7 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
         train_dataset=train_ds,
         processing_class=loaded.processor,
         data_collator=collator,
-        callbacks=callbacks(run, guard),
+        callbacks=trainer_callbacks(run, guard, cfg),
     )
     quiet_printing(trainer)
     return trainer
@@ -147,7 +133,7 @@ def image_feature_cache(model, family, cfg: RunConfig, console: Console) -> Feat
     if not cfg.train.cache_image_features:
         return None
     why = feature_cache_refusal(model, family)
-    if not why and world_size() > 1 and cfg.launch.strategy in ("fsdp", "zero3"):
+    if not why and world_size() > 1 and cfg.launch.sharded:
         why = f"the towers are sharded (launch.strategy {cfg.launch.strategy}): every rank runs them every step"
     if why:
         console.print(f"image features: computed every step ({why})")
@@ -166,16 +152,14 @@ def train_collator(chat: VisionChatCollator, cfg: RunConfig, console: Console, i
         pack = False
     if not pack and not cfg.train.processor_cache and not image_keys:
         return chat
-    cache = EncodedCache(cache_home() / "encoded", processor_fingerprint(chat)) if cfg.train.processor_cache else None
+    cache = EncodedCache(cache_dir("encoded"), processor_fingerprint(chat)) if cfg.train.processor_cache else None
     if pack:
         console.print("packing: each step's examples in one padding-free row, positions per example")
     return RowCollator(chat, cache, pack, cfg.train.pack_tokens, image_keys)
 
 
 def save_weights(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:
-    run.save_processor(loaded.processor)
     if not cfg.output.save_model:
+        run.save_processor(loaded.processor)
         return "not saved (output.save_model: false)"
-    if cfg.method in ("lora", "qlora"):
-        return run.save_adapter(model)
-    return run.save_model(model, loaded.processor)
+    return run.save_trained(model, loaded.processor, "model" if cfg.full_weights else "adapter")

@@ -52,14 +52,14 @@ def track_locally(cfg: RunConfig, run: RunDir) -> dict[str, str]:
     """Point each tracker of train.report_to at the run directory (unless the user's environment says otherwise)
     and return, per tracker, where its logs go, in words (for the summary and the report)."""
     where: dict[str, str] = {}
-    base = run.path / "tracking"
+    base = run.tracking
     for tracker in cfg.train.report_to:
         if tracker == "tensorboard":
             where[tracker] = _setdefault("TENSORBOARD_LOGGING_DIR", str(base / "tensorboard"))
         elif tracker == "trackio":
             wanted = _setdefault("TRACKIO_DIR", str(base / "trackio"))
             loaded = sys.modules.get("trackio.utils")  # trackio reads TRACKIO_DIR once, when first imported
-            where[tracker] = str(getattr(loaded, "TRACKIO_DIR", wanted)) + f" (project {PROJECT})"
+            where[tracker] = str(loaded.TRACKIO_DIR if loaded is not None else wanted) + f" (project {PROJECT})"
         elif tracker == "wandb":
             mode = _setdefault("WANDB_MODE", "offline")
             _setdefault("WANDB_PROJECT", PROJECT)

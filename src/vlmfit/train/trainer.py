@@ -1,23 +1,19 @@
-"""What the TRL-based recipes (sft, dpo) share: the TrainingArguments, the trainer class (lean loss, divergence
-guard, batch rows), checkpoints and resume, clean stops on SIGINT / SIGTERM, the progress/metrics callback, the LoRA
-targets report, and the run summary's common fields. Leaves only: nothing here knows a recipe."""
+"""TRL glue for the Trainer-based recipes (sft, dpo): the TrainingArguments they share, the trainer class vlmfit
+runs (lean loss, divergence guard, source rows, packed positions, reused image features), trainer.train() with its
+early stops turned into one message each, and full-weight resume. The run's lifecycle is in train/run.py."""
 
 from __future__ import annotations
 
 import errno
-import math
-import os
-import shutil
-import signal
 
 import torch
 from rich.console import Console
-from transformers import PrinterCallback, TrainerCallback
+from transformers import PrinterCallback
 
 from vlmfit.chat.collate import ROW
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
-from vlmfit.launch.ranks import barrier, broadcast, is_main, world_size
+from vlmfit.launch.ranks import is_main, world_size
 from vlmfit.launch.strategy import here_refusal, require_supported, strategy_arguments
 from vlmfit.models.families import Family
 from vlmfit.models.features import IMAGE_KEYS, FeatureCache
@@ -25,7 +21,9 @@ from vlmfit.models.loss import causal_lm_loss
 from vlmfit.models.targets import part_of
 from vlmfit.models.packing import unpack_inputs
 from vlmfit.models.towers import TowerSync
-from vlmfit.rundir import ENVIRONMENT, LAUNCH, LORA_TARGETS, SUMMARY, RunDir, environment
+from vlmfit.rundir import LAUNCH, RunDir
+from vlmfit.train.callbacks import DivergenceGuard, StopOnSignal, standard
+from vlmfit.train.run import Stopped, resume_hint
 from vlmfit.train.tracking import track_locally, tracker_arguments
 
 OPTIMIZERS = {"adamw": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd"}
@@ -56,13 +54,13 @@ def trainer_arguments(cfg: RunConfig, run: RunDir) -> dict:
         logging_steps=t.logging_steps,
         save_strategy="steps",  # and at the end (the Trainer's rule for "steps")
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # callbacks.Checkpoints prunes, by RunDir's rule (train.save_total_limit)
         seed=t.seed,
         disable_tqdm=True,
         # transformers' LengthGroupedSampler over the "length" column (chat/length.py measures it) when asked
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        # vlmfit's collators read the columns they need; the rest (ROW: the rows the divergence guard names) must
-        # reach them, where TRL would keep only its own column names.
+        # vlmfit's collators read the columns they need; the rest (ROW: the source rows errors and the divergence
+        # guard name) must reach them, where TRL would keep only its own column names.
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_workers,
         dataloader_persistent_workers=t.dataloader_workers > 0,  # not re-forked every epoch
@@ -116,48 +114,15 @@ def sync_towers(model, family: Family, processor, cfg: RunConfig, videos: bool) 
     """Launched with sharded weights (fsdp, zero3): the blank-image inputs that keep the ranks' gathers in step.
     DDP needs none: with a trained tower it looks for unused parameters (launch_arguments), which covers a rank
     whose batch has no image, and a blank pass outside DDP's forward would mark those parameters ready twice."""
-    if world_size() == 1 or cfg.launch.strategy not in ("fsdp", "zero3"):
+    if world_size() == 1 or not cfg.launch.sharded:
         return None
     return TowerSync(processor, videos)
 
 
-class Stopped(UserError):
-    """The run stopped before its end (signal, divergence, full disk) with a resumable checkpoint: not a traceback,
-    and an exit code of its own (3; 128 + the signal for a signal)."""
-
-    exit_code = 3
-
-    def __init__(self, what: str, *, where: str | None = None, hint: str | None = None, exit_code: int = 3):
-        super().__init__(what, where=where, hint=hint)
-        self.exit_code = exit_code
-
-
-def rank_console(console: Console) -> Console:
-    """The console on rank 0; on the other ranks of a launch one that prints nothing (rank 0 speaks for the run)."""
-    return console if is_main() else Console(quiet=True)
-
-
-def shared_run_name(cfg: RunConfig) -> RunConfig:
-    """Launched: every rank uses rank 0's run directory name (the default name carries a timestamp)."""
-    if world_size() == 1 or cfg.output.name is not None:
-        return cfg
-    name = broadcast(RunDir.default_name(cfg))
-    return cfg.model_copy(update={"output": cfg.output.model_copy(update={"name": name})})
-
-
-def open_run(cfg: RunConfig, overwrite: bool, resume: RunDir | None) -> RunDir:
-    """The run directory: `resume`'s, or a new one, created by rank 0 alone (the other ranks open it; called under
-    ranks.main_first, so rank 0 has made it by then)."""
-    if resume is not None:
-        return resume
-    if is_main():
-        return RunDir.create(cfg, overwrite)
-    return RunDir.open(RunDir.path_for(cfg))
-
-
 def with_row_ids(ds):
-    """The train split with each example's index in it (column ROW): the divergence guard names the rows of a bad
-    step. add_column adds one column beside the table, without rewriting the images."""
+    """The train split with each example's source row in it (column ROW): prepared data has the row of the user's
+    file already; a dataset without one (a built-in set) gets its index. add_column adds one column beside the
+    table, without rewriting the images."""
     return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(len(ds))))
 
 
@@ -168,7 +133,8 @@ def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = Fa
       full logits. Trainer.compute_loss is the documented place to change the loss; the normalisation follows the
       Trainer's (its global count of labelled tokens when the model takes loss kwargs, else this micro-batch's mean,
       which the Trainer then divides by the accumulation steps). Without it, the trainer's own loss, unchanged.
-    - the batch rows (ROW, put there by the collators) are taken out before the model sees the batch, for the guard;
+    - the batch's source rows (ROW, put there by the collators) are taken out before the model sees the batch, for
+      the guard;
     - a packed batch (chat/rows.py) gets its examples' own position ids here, where the model is (`family`'s rule);
     - with `features`, images seen before get their features from that cache instead of the vision tower;
     - with `sync` (launched, towers trained or sharded), a batch without images runs the tower on a blank one
@@ -214,131 +180,8 @@ def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = Fa
     return VlmfitTrainer
 
 
-class DivergenceGuard(TrainerCallback):
-    """A non-finite gradient norm (a NaN or inf loss makes one) or one above train.divergence_grad_norm: the step's
-    gradients are dropped so the optimizer leaves the weights as they were, the step, its norm and its batch rows
-    go to metrics.jsonl, and with train.on_divergence: stop the run ends there, without a checkpoint of that step."""
-
-    def __init__(self, cfg: RunConfig, run: RunDir, source_rows: list | None = None):
-        self.action, self.limit, self.run, self.source_rows = cfg.train.on_divergence, cfg.train.divergence_grad_norm, run, source_rows
-        self.rows: list[int] = []  # the current optimizer step's rows (all its micro-batches)
-        self.events: list[dict] = []
-        self.stopped: dict | None = None
-
-    def check(self, trainer, model, norm) -> None:
-        rows, self.rows = self.rows, []
-        value = float(norm) if norm is not None else math.nan
-        if math.isfinite(value) and (self.limit is None or value <= self.limit):
-            return
-        for p in model.parameters():
-            p.grad = None  # torch's and bitsandbytes' optimizers skip a parameter without a gradient
-        step = trainer.state.global_step + 1
-        event = {"step": step, "grad_norm": value if math.isfinite(value) else str(value), "action": self.action,
-                 "rows": rows, **({"source_rows": [self.source_rows[r] for r in rows]} if self.source_rows else {})}
-        self.events.append(event)
-        if is_main():  # the norm is the global one: every rank drops the same step
-            self.run.log_metrics({"step": step, "divergence": event})
-        if self.action == "stop":
-            self.stopped = event
-            trainer.control.should_training_stop = True
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.stopped is not None and self.stopped["step"] == state.global_step:
-            control.should_save = False  # the last good checkpoint is the one before
-
-    def describe(self, event: dict) -> str:
-        rows = event.get("source_rows", event["rows"])
-        which = "source rows" if "source_rows" in event else "train rows"
-        return f"step {event['step']}: gradient norm {event['grad_norm']} on {which} {rows}"
-
-
-class Checkpoints(TrainerCallback):
-    """After each checkpoint the Trainer writes: the recipe beside it and the completion marker (RunDir)."""
-
-    def __init__(self, run: RunDir):
-        self.run = run
-
-    def on_save(self, args, state, control, **kw):
-        barrier()  # launched: every rank has written its part (its RNG state, its optimizer shard) before the marker
-        if args.should_save:  # rank 0
-            self.run.complete_checkpoint(state.global_step, {"world_size": args.world_size, "epoch": state.epoch})
-
-
-class StopOnSignal(TrainerCallback):
-    """SIGINT / SIGTERM during training: finish the current step, write a checkpoint, stop. A second SIGINT stops
-    at once (KeyboardInterrupt)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.step: int | None = None
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def on_train_begin(self, args, state, control, **kw):
-        try:
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        except ValueError:  # not the main thread: no handlers, the default behaviour stays
-            self._previous = {}
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.signum is not None:
-            self.step = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kw):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
-
-
-def headline(result: dict, task: str | None) -> tuple[str, float]:
-    """The one figure a run's evaluations are ranked by: constrained accuracy with a label set, else the task's own
-    metric of the generated answers (CIDEr-D for captions, VQA accuracy, ChartQA-style relaxed accuracy ...)."""
-    if "constrained" in result:
-        return "constrained accuracy", result["constrained"]["accuracy"]
-    metrics = result["generate"]["metrics"]
-    for name in {"caption": ("cider_d",), "vqa": ("vqa_accuracy",)}.get(task or "", ()) + ("exact_match",):
-        if name in metrics:
-            return name, metrics[name]["value"]
-    return "generate accuracy", result["generate"]["accuracy"]
-
-
-class EvalDuring(TrainerCallback):
-    """eval.every_steps: the task evaluation on the validation split every N optimizer steps (rank 0; the other
-    ranks wait), each in metrics.jsonl ({"step", "eval": {metric: value}}), and the best step so far. A resumed
-    run continues from the evaluations its metrics kept."""
-
-    def __init__(self, every: int, run: RunDir, evaluate, task: str | None):
-        self.every, self.run, self.evaluate, self.task = every, run, evaluate, task
-        self.history = [r for r in run.metrics() if "eval" in r]
-
-    def on_step_end(self, args, state, control, model=None, **kw):
-        if state.global_step % self.every:
-            return
-        if is_main():
-            name, value = headline(self.evaluate(model), self.task)
-            record = {"step": state.global_step, "eval": {name: value}}
-            self.history.append(record)
-            self.run.log_metrics(record)
-        barrier()
-
-    def best(self) -> dict | None:
-        if not self.history:
-            return None
-        top = max(self.history, key=lambda r: (next(iter(r["eval"].values())), -r["step"]))  # the earliest of ties
-        (name, value), = top["eval"].items()
-        return {"step": top["step"], "metric": name, "value": value, "evaluations": len(self.history)}
-
-
-def callbacks(run: RunDir, guard: DivergenceGuard) -> list:
-    return ([RichProgress(run)] if is_main() else []) + [Checkpoints(run), guard, StopOnSignal()]
+def trainer_callbacks(run: RunDir, guard: DivergenceGuard, cfg: RunConfig) -> list:
+    return standard(run, guard, cfg.train.save_total_limit)
 
 
 def stopper_of(trainer) -> StopOnSignal:
@@ -356,15 +199,13 @@ def run_training(trainer, run: RunDir, guard: DivergenceGuard, resume_from=None)
             raise
         run.drop_incomplete_checkpoints()
         raise Stopped(f"the disk is full ({e.strerror}) at step {trainer.state.global_step}", where=str(run.path),
-                      hint=_resume_hint(run, "free some space, then")) from None
+                      hint=resume_hint(run, "free some space, then")) from None
     stopper = stopper_of(trainer)
     if stopper.signum is not None:
-        name = signal.Signals(stopper.signum).name
-        raise Stopped(f"stopped by {name} after step {stopper.step}; checkpoint written", where=str(run.path),
-                      hint=_resume_hint(run), exit_code=128 + stopper.signum)
+        raise stopper.catcher.stopped(run, f"step {stopper.step}")
     if guard.stopped is not None:
         raise Stopped(f"training diverged at {guard.describe(guard.stopped)}; stopped (train.on_divergence: stop)",
-                      where=str(run.path), hint=_resume_hint(run, "lower train.lr or raise train.warmup_ratio in a new run, "
+                      where=str(run.path), hint=resume_hint(run, "lower train.lr or raise train.warmup_ratio in a new run, "
                                                              "set train.on_divergence: skip, or inspect those rows;"))
     return result
 
@@ -387,133 +228,6 @@ def restore_full_weights(model, checkpoint) -> None:
     del saved
 
 
-def _resume_hint(run: RunDir, before: str = "") -> str:
-    done = run.complete_checkpoints()
-    if not done:
-        return f"{before} no complete checkpoint yet: start the run again".strip()
-    return f"{before} resume from {done[-1][1].name}: vlmfit train --resume {run.path}".strip()
-
-
-# Packages whose versions must match for a resume to continue exactly (kernels, optimizer and checkpoint formats).
-RESUME_PACKAGES = ("vlmfit", "torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes")
-
-
-def resume_point(run: RunDir):
-    """The checkpoint to resume `run` from, after checking that resuming is safe here; incomplete checkpoints
-    (killed mid-write) are removed, and metrics after the checkpoint dropped (those steps run again)."""
-    if run.read_json(SUMMARY) is not None:
-        raise UserError("this run finished; there is nothing to resume", where=str(run.path),
-                        hint="start a new run (another output.name), or evaluate / export this one")
-    then = (run.read_json(ENVIRONMENT) or {}).get("packages", {})
-    now = environment()["packages"]
-    changed = [f"{p} {then.get(p)} -> {now.get(p)}" for p in RESUME_PACKAGES if then.get(p) != now.get(p)]
-    if changed:
-        raise UserError(f"the run was written with other package versions ({'; '.join(changed)}); a resume would not "
-                        "continue exactly", where=str(run.path),
-                        hint=f"install the run's versions (see {ENVIRONMENT}) to resume, or start a new run")
-    dropped = run.drop_incomplete_checkpoints()
-    done = run.complete_checkpoints()
-    if not done:
-        raise UserError("the run has no complete checkpoint to resume from" + (f" ({', '.join(dropped)} was incomplete)" if dropped else ""),
-                        where=str(run.path), hint="it stopped before its first checkpoint (train.save_steps): start it again")
-    step, path = done[-1]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    saved_world = run.checkpoint_info(path).get("world_size", 1)
-    if saved_world != world:
-        raise UserError(f"the checkpoint was written by {saved_world} processes, this is {world}: the data order and "
-                        "the optimizer shards would not continue exactly", where=str(path),
-                        hint=f"resume with {saved_world} processes (vlmfit launch --nproc {saved_world})")
-    run.truncate_metrics(step)
-    return step, path
-
-
-def require_disk_for_checkpoints(loaded, cfg: RunConfig, where) -> None:
-    """Refuse before the run directory is made when its disk cannot hold a checkpoint (the Trainer writes a new one
-    before it deletes the oldest): weights or adapter plus the optimizer state of every trained value."""
-    from pathlib import Path
-
-    from peft import PeftModel
-
-    from vlmfit.models.targets import resolve_for
-
-    model = loaded.model
-    states = {"sgd": 4, "adamw": 8}.get(cfg.train.optim, 2)  # bytes of optimizer state per trained value
-    full = cfg.method == "full" or (cfg.method == "dpo" and cfg.dpo.tuning == "full")
-    if full:
-        trained = sum(p.numel() for p in model.parameters())
-        need = sum(p.numel() * p.element_size() for p in model.parameters()) + trained * states
-    elif isinstance(model, PeftModel):  # DPO continuing an earlier run's adapter: what it trains is there already
-        need = sum(p.numel() for p in model.parameters() if p.requires_grad) * (4 + states)
-    else:
-        resolved = resolve_for(model, loaded.family, cfg.lora)
-        modules = dict(model.named_modules())
-        trained = sum(cfg.lora.r * (modules[m].in_features + modules[m].out_features) for m in resolved.modules
-                      if hasattr(modules[m], "in_features"))
-        trained += sum(p.numel() for m in resolved.fully_trained for p in modules[m].parameters())
-        need = trained * (4 + states)
-    path = Path(where)
-    while not path.exists():
-        path = path.parent
-    free = shutil.disk_usage(path).free
-    if free < 1.2 * need:
-        raise UserError(f"{_size(free)} free on the disk of {where}, and a checkpoint needs about {_size(need)}",
-                        where="output.dir", hint="free space, or put output.dir on a larger disk")
-
-
-def _size(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
 def quiet_printing(trainer) -> None:
     """With tqdm off, transformers prints every log dict; RichProgress shows them instead (and writes metrics.jsonl)."""
     trainer.remove_callback(PrinterCallback)
-
-
-class RichProgress(TrainerCallback):
-    """Progress bar (step, loss, ETA) and metrics.jsonl, one record per logging step."""
-
-    def __init__(self, run: RunDir):
-        self.run, self.progress, self.task, self.loss = run, None, None, math.nan
-
-    def on_train_begin(self, args, state, control, **kw):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=state.max_steps, loss=math.nan)
-
-    def on_step_end(self, args, state, control, **kw):
-        self.progress.update(self.task, completed=state.global_step, loss=self.loss)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        logs = dict(logs or {})
-        if "loss" in logs or "train_loss" in logs:
-            self.loss = logs.get("loss", logs.get("train_loss"))
-        self.run.log_metrics({"step": state.global_step, "epoch": round(state.epoch or 0, 4), **logs})
-
-    def on_train_end(self, args, state, control, **kw):
-        if self.progress:
-            self.progress.update(self.task, completed=state.global_step, loss=self.loss)
-            self.progress.stop()
-
-
-def report_targets(resolved, console: Console, run: RunDir | None) -> None:
-    """The LoRA targets table, what was skipped and why, and lora_targets.json in the run."""
-    console.print(resolved.table())
-    for note in resolved.skipped:
-        console.print(f"[yellow]skipped[/] {note}")
-    if run is not None:
-        run.write_json(LORA_TARGETS, resolved.as_dict())
-
-
-def param_counts(model) -> dict:
-    return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_params": sum(p.numel() for p in model.parameters())}
-
-
-def final_loss(run: RunDir) -> float:
-    losses = [r["loss"] for r in run.metrics() if "loss" in r]
-    return losses[-1] if losses else float("nan")

@@ -20,54 +20,54 @@ from rich.console import Console
 
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
-from vlmfit.report import plot_loss, write_report
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.trainer import resume_point
+from vlmfit.train.run import SignalCatcher, begin
 from vlmfit.train.zo_targets import make_target, save_tuned
 
 
 def train_zo(cfg: RunConfig, console: Console | None = None, overwrite: bool = False, resume: RunDir | None = None) -> Path:
     """Run the recipe end to end and return the run directory (`resume`: continue that run from its last complete
-    checkpoint, exactly: tuned values, forward-pass count, CMA-ES state, seeds and batch order)."""
-    console = console or Console()
-    torch.manual_seed(cfg.train.seed)
+    checkpoint, exactly: tuned values, forward-pass count, CMA-ES state, seeds and batch order). SIGINT / SIGTERM
+    stop at the next checkpoint (every zo.eval_every forward passes), resumable."""
     if resume is not None and cfg.zo.optimizer == "coop":
         raise UserError("resuming a CoOp run is not supported (it is the backprop reference, not a forward-only run)",
                         where="--resume", hint="start the CoOp run again")
-    point = resume_point(resume) if resume is not None else None  # refusals as for the Trainer's runs
+    life = begin(cfg, console, resume)
+    cfg, console = life.cfg, life.console
+    life.check(chat=False)  # refusals as for the Trainer's runs
     target = make_target(cfg, console)
-    run = resume or RunDir.create(cfg, overwrite)
-    console.print(f"[bold]run directory[/] {run.path}" + (f" (resuming at {point[0]:,} forward passes)" if point else ""))
+    run = life.open(overwrite, at=f"at {life.point[0]:,} forward passes" if life.point else "")
     console.print(f"zo: {cfg.zo.optimizer} on {target.kind} ({target.dim:,} tuned values), "
                   f"budget {cfg.zo.forward_passes:,} forward passes")
     state = ZoState()
-    if point is None:
+    if life.point is None:
         before = target.evaluate()
         run.write_eval("before", before)
         budget = Budget(run, target, cfg.zo.eval_every, known=before, keep=cfg.train.save_total_limit)
     else:
         before = run.evals()[0]
-        budget, state = Budget.restore(run, target, cfg, point[1])
+        budget, state = Budget.restore(run, target, cfg, life.checkpoint)
     console.print(f"accuracy before training: {100 * before['constrained']['accuracy']:.1f}%")
     budget.state = state
-    with console.status("forward-only training" if cfg.zo.optimizer != "coop" else "CoOp (backprop) training"):
-        OPTIMIZERS[cfg.zo.optimizer](target, cfg, budget)
+    budget.signals.install()
+    try:
+        with console.status("forward-only training" if cfg.zo.optimizer != "coop" else "CoOp (backprop) training"):
+            OPTIMIZERS[cfg.zo.optimizer](target, cfg, budget)
+    finally:
+        budget.signals.restore()
     after = budget.evaluation  # the final record's evaluation: the parameters as they end (not evaluated twice)
     run.write_eval("after", after)
     console.print(f"accuracy after training: {100 * after['constrained']['accuracy']:.1f}%")
     weights = save_tuned(target, run) if cfg.output.save_model else "not saved (output.save_model: false)"
-    run.write_summary(RunSummary(
+    return life.finish(RunSummary(
         method="zo", steps=budget.used, train_seconds=budget.seconds, final_loss=budget.last_loss,
         trainable_params=target.dim, total_params=target.total_params, train_examples=target.n_train,
         test_examples=target.n_test, weights=weights, label_method=target.label_method,
         zo={"optimizer": cfg.zo.optimizer, "target": target.kind, "forward_passes": budget.used,
             "history": budget.history, "outliers_skipped": budget.outliers},
         peak_memory_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        resumed_from=[point[0]] if point else None,
+        resumed_from=life.resumed_from,
     ))
-    plot_loss(run)
-    write_report(run)
-    return run.path
 
 
 # ---- bookkeeping ----------------------------------------------------------------------------------------------
@@ -129,6 +129,7 @@ class Budget:
     keep: int = 2
     state: ZoState = field(default_factory=ZoState)
     start: np.ndarray | None = None  # the tuned values the run started from (set when resumed: CMA-ES replays from it)
+    signals: SignalCatcher = field(default_factory=SignalCatcher)  # installed by train_zo around the loop
     _t0: float = field(default_factory=time.perf_counter)
     _next_eval: int = 0
     _restored: bool = False
@@ -156,45 +157,28 @@ class Budget:
         if not math.isnan(self.last_loss):
             rec["loss"] = self.last_loss
         self.history.append(rec)
+        self._next_eval = self.used + self.every
         if self.run is not None:
             self.run.log_metrics(rec)
             if self.used:
                 self._checkpoint()
-        self._next_eval = self.used + self.every
+                if self.signals.signum is not None:  # a clean stop, at a checkpoint
+                    raise self.signals.stopped(self.run, f"{self.used:,} forward passes")
         self._t0 = time.perf_counter()  # evaluation time is not training time
 
     def _checkpoint(self) -> None:
-        """checkpoint-<forward passes>/: the tuned values (safetensors) and the loop's state, written to a temporary
-        directory and renamed into place, then marked complete; older ones beyond `keep` removed."""
-        import json
-        import os
-        import shutil
+        """checkpoint-<forward passes>/ through RunDir: the tuned values and the loop's state; the last `keep` stay."""
         from dataclasses import asdict
 
-        from safetensors.torch import save_file
-
-        final = self.run.checkpoint(self.used)
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({"tuned": torch.from_numpy(self.target.flat()).contiguous()}, str(tmp / ZO_TUNED))
         budget = {"used": self.used, "seconds": self.seconds, "last_loss": self.last_loss, "outliers": self.outliers,
-                  "history": self.history, "evaluation": self.evaluation, "next_eval": self.used + self.every}
-        (tmp / ZO_STATE).write_text(json.dumps({"budget": budget, "loop": asdict(self.state)}) + "\n")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        self.run.complete_checkpoint(self.used, {"world_size": 1})
-        for _, old in self.run.complete_checkpoints()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+                  "history": self.history, "evaluation": self.evaluation, "next_eval": self._next_eval}
+        self.run.save_zo_checkpoint(self.used, torch.from_numpy(self.target.flat()),
+                                    {"budget": budget, "loop": asdict(self.state)}, self.keep)
 
     @classmethod
     def restore(cls, run: RunDir, target, cfg: RunConfig, path: Path) -> tuple["Budget", ZoState]:
         """The budget and loop state of checkpoint `path`, with the target set to its tuned values."""
-        import json
-
-        from safetensors.torch import load_file
-
-        saved = json.loads((path / ZO_STATE).read_text())
+        tuned, saved = run.load_zo_checkpoint(path)
         b = saved["budget"]
         budget = cls(run, target, cfg.zo.eval_every, used=b["used"], seconds=b["seconds"], last_loss=b["last_loss"],
                      outliers=b["outliers"], history=b["history"], evaluation=b["evaluation"],
@@ -202,15 +186,12 @@ class Budget:
         budget._next_eval = b["next_eval"]
         budget.start = target.flat()
         with torch.no_grad():
-            target.set_flat(load_file(str(path / ZO_TUNED))["tuned"].numpy())
+            target.set_flat(tuned.numpy())
         return budget, ZoState(**saved["loop"])
 
     def close(self) -> None:
         if self.history[-1]["forward_passes"] != self.used:
             self._record(None)
-
-
-ZO_TUNED, ZO_STATE = "tuned.safetensors", "zo_state.json"  # inside a checkpoint-<forward passes>/ directory
 
 
 def _seeds(seed: int):

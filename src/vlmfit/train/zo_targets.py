@@ -11,10 +11,10 @@ from vlmfit.chat.collate import LABEL_METHODS, VisionChatCollator
 from vlmfit.config import RunConfig
 from vlmfit.data.splits import load_splits
 from vlmfit.errors import UserError
-from vlmfit.models.load import check_model, is_dual_encoder, load, load_dual_encoder
+from vlmfit.models.load import check_model, is_dual_encoder, load_dual_encoder, load_for
 from vlmfit.models.targets import make_trainable
 from vlmfit.rundir import RunDir
-from vlmfit.train.trainer import report_targets
+from vlmfit.train.run import report_targets
 
 # ---- targets --------------------------------------------------------------------------------------------------
 
@@ -59,7 +59,7 @@ class LoraTarget:
 
     def __init__(self, cfg: RunConfig, console: Console, train_ds, test_ds, labels: list[str]):
         self.cfg, self.train_ds, self.test_ds, self.labels = cfg, train_ds, test_ds, labels
-        self.loaded = load(cfg.model.name, cfg.model.dtype, cfg.model.revision, cfg.model)
+        self.loaded = load_for(cfg)
         self.model, resolved = make_trainable(self.loaded.model, self.loaded.family, "lora", cfg.lora)
         report_targets(resolved, console, None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -10,6 +10,8 @@ import tempfile
 
 import numpy as np
 
+from vlmfit import cache
+
 # The digit words are the answers the demo teaches; they must stay single tokens (see _check_answer_words).
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -83,13 +85,9 @@ def mnist_digits(seed: int = 0, test_per_class: int = 100, invert: bool = False,
     return out
 
 
-def cache_home() -> pathlib.Path:
-    """vlmfit's cache directory: $VLMFIT_CACHE, else ~/.cache/vlmfit (tiny models, encoded examples)."""
-    return pathlib.Path(os.environ.get("VLMFIT_CACHE") or pathlib.Path.home() / ".cache" / "vlmfit")
-
-
 def cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
-    return pathlib.Path(cache_dir if cache_dir is not None else cache_home()) / "tiny"
+    """Where the zoo's builds go: the tiny cache under `cache_dir`, by default under vlmfit's cache root."""
+    return cache.cache_dir("tiny", cache_dir)
 
 
 def cached_build(target: pathlib.Path, build) -> pathlib.Path:
