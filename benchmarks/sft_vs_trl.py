@@ -1,7 +1,10 @@
 """vlmfit's SFT against plain TRL on the same model, data, LoRA adapters, optimizer, seed and steps, in one run.
 
-Plain TRL: SFTTrainer with its default VLM collator (DataCollatorForVisionLanguageModeling: the model's own loss
-over full logits, every token trained) and PEFT's LoRA on the very modules vlmfit resolves. TRL's padding-free mode
+Plain TRL: SFTTrainer with its default VLM collator (DataCollatorForVisionLanguageModeling) and PEFT's LoRA on the
+very modules vlmfit resolves, two ways:
+  trl                 `messages` rows: every token trained (what TRL does with chat rows)
+  trl-completion      the same rows as prompt / completion with completion_only_loss: the reply tokens only, the
+                      work vlmfit does (the equal-work baseline) TRL's padding-free mode
 refuses vision datasets (SFTTrainer raises for them), so there is no padding-free baseline for VLMs.
 vlmfit: `vlmfit train`'s trainer and training collator (labels on the assistant reply, lean loss: the LM head only
 at labelled positions, processor cache), three ways:
@@ -9,6 +12,7 @@ at labelled positions, processor cache), three ways:
   vlmfit-packed       train.packing: true (one padding-free row per step), cache empty at the start
   vlmfit-packed-warm  the same with the cache filled beforehand, untimed (a later epoch, or a rerun on the same data)
   vlmfit-warm         padded batches, cache filled beforehand (for families that packing refuses, e.g. Gemma 3)
+  vlmfit-full-logits  padded batches with train.lean_loss: false (the model's own loss over full logits), same labels
 Each run gets its own empty $VLMFIT_CACHE/encoded (the benchmark models are read from the shared cache).
 
 Each (system, repeat) runs in its own process, so peak memory (ru_maxrss, CPU) is that run's. Timed: the training
@@ -23,7 +27,8 @@ Families:
 
     python benchmarks/sft_vs_trl.py --family qwen-mixed --steps 40 --batch 8 --repeats 3
     python benchmarks/sft_vs_trl.py --family gemma-262k --steps 15 --batch 4 --repeats 3
-    python benchmarks/sft_vs_trl.py --family demo --repeats 1 --systems trl,vlmfit
+    python benchmarks/sft_vs_trl.py --family qwen-mixed --steps 40 --batch 8 --repeats 3 --systems trl,trl-completion,vlmfit,vlmfit-full-logits
+    python benchmarks/sft_vs_trl.py --family demo --repeats 3 --epochs 1 --systems trl,trl-completion,vlmfit
     python benchmarks/sft_vs_trl.py --family qwen-mixed --system vlmfit-packed-warm --out /tmp/x --profile   # one run
 """
 
@@ -39,7 +44,7 @@ import time
 from pathlib import Path
 
 SIZES = (28, 56, 84, 112)
-SYSTEMS = ("trl", "vlmfit", "vlmfit-warm", "vlmfit-packed", "vlmfit-packed-warm")
+SYSTEMS = ("trl", "trl-completion", "vlmfit", "vlmfit-full-logits", "vlmfit-warm", "vlmfit-packed", "vlmfit-packed-warm")
 DEFAULT_SYSTEMS = ("trl", "vlmfit", "vlmfit-packed", "vlmfit-packed-warm")
 GEMMA_VOCAB = 262_144
 
@@ -142,10 +147,11 @@ def child(args) -> None:
     name = str(bench_model(args.family))
     tmp = Path(args.out)
     if args.family == "demo":  # the demo recipe as it ships, full fine-tuning
-        import vlmfit
+        from vlmfit.config import recipe_path
 
-        cfg = load_config(Path(vlmfit.__file__).parent / "recipes" / "demo.yaml", overrides=[f"output.dir={tmp}", "output.name=run", "model.dtype=float32",
-                                                          "train.save_steps=100000", "train.logging_steps=50"])
+        cfg = load_config(recipe_path("demo"), overrides=[f"output.dir={tmp}", "output.name=run", "model.dtype=float32",
+                                                          "train.save_steps=100000", "train.logging_steps=50",
+                                                          *([f"train.epochs={args.epochs}"] if args.epochs else [])])
         n_train, n_test = 10**9, 1000
     else:
         cfg = load_config(base={"model": {"name": name}}, overrides=[
@@ -170,6 +176,8 @@ def child(args) -> None:
 
         if "packed" in args.system:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"packing": True})})
+        if args.system == "vlmfit-full-logits":
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lean_loss": False})})
         model, _ = make_trainable(loaded.model, loaded.family, cfg.method, cfg.lora)
         collator = train_collator(VisionChatCollator(loaded.processor, loaded.family), cfg, Console(quiet=True))
         if args.system.endswith("-warm"):
@@ -183,8 +191,12 @@ def child(args) -> None:
         targs.update(save_strategy="no", remove_unused_columns=True)  # TRL's own defaults for what vlmfit changes
         lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=resolved.modules)
         model = get_peft_model(loaded.model, lora) if cfg.method == "lora" else loaded.model
-        trainer = SFTTrainer(model=model, args=SFTConfig(**targs), train_dataset=train.remove_columns("label"),
-                             processing_class=loaded.processor)
+        rows = train.remove_columns("label")
+        if args.system == "trl-completion":  # the reply alone is trained, as vlmfit trains it
+            rows = rows.map(lambda ex: {"prompt": ex["messages"][:-1], "completion": ex["messages"][-1:]},
+                            remove_columns=["messages"])
+            targs["completion_only_loss"] = True
+        trainer = SFTTrainer(model=model, args=SFTConfig(**targs), train_dataset=rows, processing_class=loaded.processor)
         trainer.data_collator = clock.counting(trainer.data_collator)
     trainer.add_callback(clock.callback)
     profiler = None
@@ -220,6 +232,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=float, help="demo: epochs (default: the recipe's 10)")
     ap.add_argument("--system", choices=list(SYSTEMS))
     ap.add_argument("--out")
     ap.add_argument("--profile", action="store_true", help="with --system: where that run's steps go, on stderr")
@@ -231,7 +244,7 @@ def main() -> None:
 
     import os
 
-    from vlmfit.models.tiny.corpus import cache_home
+    from vlmfit.cache import cache_dir
 
     bench_model(args.family)  # built once, before any timed run
     systems = tuple(args.systems.split(","))
@@ -243,10 +256,10 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as out:
                 cache = Path(out) / "cache"
                 (cache / "tiny").mkdir(parents=True)
-                for model_dir in (cache_home() / "tiny").iterdir():  # the models, not the encoded examples
+                for model_dir in cache_dir("tiny").iterdir():  # the models, not the encoded examples
                     (cache / "tiny" / model_dir.name).symlink_to(model_dir)
                 cmd = [sys.executable, __file__, "--family", args.family, "--steps", str(args.steps), "--batch",
-                       str(args.batch), "--system", system, "--out", out]
+                       str(args.batch), "--system", system, "--out", out, *(["--epochs", str(args.epochs)] if args.epochs else [])]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "VLMFIT_CACHE": str(cache)})
                 line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if line is None:
@@ -254,20 +267,27 @@ def main() -> None:
                 results[system].append(json.loads(line[7:]))
                 print(f"  repeat {r + 1} {system}: {results[system][-1]['seconds']:.1f} s", file=sys.stderr)
     med = {s: {k: statistics.median(x[k] for x in rs) for k in rs[0] if k != "system"} for s, rs in results.items()}
-    what = ("the demo recipe (full fine-tuning, 10 epochs x 4,000 digits, batch 32)" if args.family == "demo" else
+    spread = {s: {k: (min(x[k] for x in rs), max(x[k] for x in rs)) for k in rs[0] if k != "system"}
+              for s, rs in results.items()}
+    what = (f"the demo recipe (full fine-tuning, {args.epochs or 10:g} epochs x 4,000 digits, batch 32)" if args.family == "demo" else
             f"{args.steps} steps x batch {args.batch}, LoRA r=16 on the language model")
     print(f"\n{args.family}: {what}, AdamW, "
-          f"median of {args.repeats} runs each\n")
+          f"median of {args.repeats} runs each [min-max]\n")
     print("| | plain TRL | " + " | ".join(systems[1:]) + " | " + " | ".join(f"{s} / TRL" for s in systems[1:]) + " |")
     print("|---" * (2 * len(systems)) + "|")
     rows = [("samples/s", "samples_per_s", "{:.2f}"), ("input tokens/s", "tokens_per_s", "{:.0f}"),
             ("trained tokens/s", "trained_tokens_per_s", "{:.0f}"), ("share of tokens trained", "trained_token_share", "{:.2f}"),
             ("peak RSS (MiB)", "peak_rss_mib", "{:.0f}"), ("RSS after loading (MiB)", "rss_after_load_mib", "{:.0f}"),
             ("final loss", "final_loss", "{:.3f}"), (f"test accuracy ({med['trl']['test_examples']:.0f} digits)", "accuracy", "{:.3f}")]
+    def cell(s, key, fmt):
+        lo, hi = spread[s][key]
+        return f"{fmt.format(med[s][key])} [{fmt.format(lo)}-{fmt.format(hi)}]" if args.repeats > 1 else fmt.format(med[s][key])
+
     for label, key, fmt in rows:
         t, vs = med["trl"][key], [med[s][key] for s in systems[1:]]
         ratios = [f"{v / t:.2f}x" if t else "-" for v in vs]
-        print(f"| {label} | {fmt.format(t)} | " + " | ".join(fmt.format(v) for v in vs) + " | " + " | ".join(ratios) + " |")
+        print(f"| {label} | {cell('trl', key, fmt)} | " + " | ".join(cell(s, key, fmt) for s in systems[1:]) + " | "
+              + " | ".join(ratios) + " |")
     print(f"\nparams: {med['vlmfit']['params']:,.0f}; raw: {json.dumps(results)}", file=sys.stderr)
 
 
