@@ -28,7 +28,7 @@ from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, ena
                                    resolve_for)
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.callbacks import DivergenceGuard
-from vlmfit.train.run import begin, final_loss, param_counts, report_targets
+from vlmfit.train.run import begin, final_loss, param_counts, report_targets, save_trained
 from vlmfit.train.tracking import track_locally
 from vlmfit.train.trainer import (launch_arguments, note_uneven_epoch, quiet_printing, run_training, trainer_arguments,
                                   trainer_callbacks, vlmfit_trainer, with_row_ids)
@@ -71,7 +71,8 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
     if not is_main():  # the other ranks' part ends with the training steps: rank 0 saves, evaluates, reports
         return run.path
 
-    weights = save_policy(model, loaded, cfg, run)
+    # the trained adapter only: TRL's frozen 'ref' copy (when continuing an adapter) is not part of the result
+    weights = save_trained(model, loaded.processor, cfg, run, adapters=["default"])
     run.drop_empty_checkpoints()
     if cfg.eval.after:
         run.write_eval("after", evaluate(model, ref_model, scorer, data, cfg, console, "after training"))
@@ -223,13 +224,3 @@ def evaluate(model, ref_model, scorer: PreferenceCollator, data: Pairs, cfg: Run
     task = (evaluate_task(model, scorer.chat, data.task_test, data.labels, cfg.eval, console, when)
             if data.task_test is not None else None)
     return {"preference": pref, "task": task}
-
-
-def save_policy(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:
-    if not cfg.output.save_model:
-        run.save_processor(loaded.processor)
-        return "not saved (output.save_model: false)"
-    if cfg.full_weights:
-        return run.save_trained(model, loaded.processor, "model")
-    # The trained adapter only: TRL's frozen 'ref' copy (when continuing an adapter) is not part of the result.
-    return run.save_trained(model, loaded.processor, "adapter", adapters=["default"])

@@ -223,6 +223,18 @@ def report_targets(resolved, console: Console, run: RunDir | None) -> None:
         run.write_json(LORA_TARGETS, resolved.as_dict())
 
 
+NOT_SAVED = "not saved (output.save_model: false)"
+
+
+def save_trained(model, processor, cfg: RunConfig, run: RunDir, adapters: list[str] | None = None) -> str:
+    """What a Trainer run (sft, dpo) trained, as the recipe says: full weights (cfg.full_weights) or the adapter
+    (`adapters`: which; DPO leaves out TRL's frozen 'ref' copy), with the processor; in words, for the summary."""
+    if not cfg.output.save_model:
+        run.save_processor(processor)
+        return NOT_SAVED
+    return run.save_trained(model, processor, "model" if cfg.full_weights else "adapter", adapters)
+
+
 def param_counts(model) -> dict:
     return {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total_params": sum(p.numel() for p in model.parameters())}

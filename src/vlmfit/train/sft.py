@@ -27,7 +27,7 @@ from vlmfit.models.towers import TowerSync
 from vlmfit.models.targets import enable_checkpointing, make_trainable
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.callbacks import DivergenceGuard, EvalDuring
-from vlmfit.train.run import begin, final_loss, param_counts, report_targets
+from vlmfit.train.run import begin, final_loss, param_counts, report_targets, save_trained
 from vlmfit.train.tracking import track_locally
 from vlmfit.train.trainer import (launch_arguments, note_uneven_epoch, quiet_printing, run_training, sync_towers,
                                   trainer_arguments, trainer_callbacks, vlmfit_trainer, with_row_ids)
@@ -95,7 +95,7 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
 
     if not is_main():  # the other ranks' part ends with the training steps: rank 0 saves, evaluates, reports
         return run.path
-    weights = save_weights(model, loaded, cfg, run)
+    weights = save_trained(model, loaded.processor, cfg, run)
     run.drop_empty_checkpoints()
     if cfg.eval.after:
         run.write_eval("after", evaluate_task(model, collator, splits.test, splits.labels, cfg.eval, console, "after training",
@@ -156,10 +156,3 @@ def train_collator(chat: VisionChatCollator, cfg: RunConfig, console: Console, i
     if pack:
         console.print("packing: each step's examples in one padding-free row, positions per example")
     return RowCollator(chat, cache, pack, cfg.train.pack_tokens, image_keys)
-
-
-def save_weights(model, loaded: Loaded, cfg: RunConfig, run: RunDir) -> str:
-    if not cfg.output.save_model:
-        run.save_processor(loaded.processor)
-        return "not saved (output.save_model: false)"
-    return run.save_trained(model, loaded.processor, "model" if cfg.full_weights else "adapter")

@@ -21,7 +21,7 @@ from rich.console import Console
 from vlmfit.config import RunConfig
 from vlmfit.errors import UserError
 from vlmfit.rundir import RunDir, RunSummary
-from vlmfit.train.run import SignalCatcher, begin
+from vlmfit.train.run import NOT_SAVED, SignalCatcher, begin
 from vlmfit.train.zo_targets import make_target, save_tuned
 
 
@@ -58,7 +58,7 @@ def train_zo(cfg: RunConfig, console: Console | None = None, overwrite: bool = F
     after = budget.evaluation  # the final record's evaluation: the parameters as they end (not evaluated twice)
     run.write_eval("after", after)
     console.print(f"accuracy after training: {100 * after['constrained']['accuracy']:.1f}%")
-    weights = save_tuned(target, run) if cfg.output.save_model else "not saved (output.save_model: false)"
+    weights = save_tuned(target, run) if cfg.output.save_model else NOT_SAVED
     return life.finish(RunSummary(
         method="zo", steps=budget.used, train_seconds=budget.seconds, final_loss=budget.last_loss,
         trainable_params=target.dim, total_params=target.total_params, train_examples=target.n_train,
