@@ -86,10 +86,7 @@ def logits_bytes(vocab: int, dt: Dtypes, softcap: bool) -> float:
 
 
 def lean_logits_bytes(vocab: int, dt: Dtypes, softcap: bool, labelled: int, chunk: int) -> float:
-    """The lean loss (vlmfit.models.loss) for `labelled` positions. In one chunk it is the full-logits loss of those
-    positions only; in several, their logits in the compute dtype are kept for backward (and the soft-cap's tanh
-    output), with their gradient, and one fp32 cross-entropy chunk (12 B/entry: upcast, log-softmax, gradient) is
-    recomputed at a time."""
-    if labelled <= chunk:
-        return logits_bytes(vocab, dt, softcap) * labelled
-    return (dt.compute * (2 + (1 if softcap else 0)) * labelled + 12 * chunk) * vocab
+    """The fused head + loss (vlmfit.models.loss) for `labelled` positions: in one chunk it is the full-logits loss
+    of those positions only; in several, each chunk is recomputed in backward, so one chunk's logits, upcast and
+    gradient are alive at a time, whatever `labelled` is."""
+    return logits_bytes(vocab, dt, softcap) * min(labelled, chunk)

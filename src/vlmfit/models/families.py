@@ -142,6 +142,11 @@ class Family:
     # Some parameters get no gradient in a step whatever the batch (Gemma 4's audio tower on image data): DDP must
     # look for unused parameters each step (ddp_find_unused_parameters), or it waits for their gradients forever.
     ddp_unused_parameters: bool = False
+    # The model's forward soft-caps the LM head's output with the text config's final_logit_softcapping
+    # (logits / cap, tanh, * cap; Gemma 4, PaliGemma 2). models/loss.py applies the same transform when it runs the
+    # head itself, chunk by chunk; tests/test_loss.py checks it against each family's own full-logits loss. Gemma 3's
+    # forward applies none, whatever its config says.
+    softcaps_logits: bool = False
 
 
 _QWEN = dict(
@@ -233,6 +238,7 @@ FAMILIES: dict[str, Family] = {
             # many positions. Default 280 soft tokens per image, 70 per video frame.
             image_rule=ImageRule("soft_tokens", soft_tokens=280, video_soft_tokens=70, note="max_soft_tokens, encoder 9x"),
             image_features=_gemma4_features,
+            softcaps_logits=True,
             advice=(
                 "Gemma 4 LoRA has shown exploding gradient norms (transformers#45676): clip at max_grad_norm 0.1 "
                 "with lr ~5e-5.",
@@ -278,6 +284,7 @@ FAMILIES: dict[str, Family] = {
             advice=("PaliGemma is a single-turn prefix-LM: one question, one answer per example.",),
             packing="positions",
             feature_cache=True,
+            softcaps_logits=True,
         ),
     ]
 }
@@ -313,6 +320,7 @@ def generic_family(model_type: str, processor=None) -> Family:
         label_method="prefix",
         sequence_inputs=tuple(dict.fromkeys(kv for f in FAMILIES.values() for kv in f.sequence_inputs)),
         fp32_norms=tuple(dict.fromkeys(c for f in FAMILIES.values() for c in f.fp32_norms)),
+        softcaps_logits=True,  # a config's cap is applied by the forwards of the architectures that have the key
     )
 
 
