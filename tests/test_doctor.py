@@ -82,3 +82,18 @@ def test_targets_check_follows_what_actually_trains():
         model = meta_model_of(ref)
         _check_targets(rep, model, family_for(model.config.model_type, load_processor(ref), cfg.model.name), cfg)
         assert {c.name: c.status for c in rep.checks} == expect, sets
+
+
+def test_memory_check_names_each_option_that_would_save_memory(vlmfit):
+    """Against a budget the plan exceeds, doctor fails the memory check and lists the same-math options with what
+    each saves (the ones the recipe already uses are not suggested); within the budget it passes."""
+    code, out, err = vlmfit("doctor", "recipes/digits-lora.yaml", "--samples", "2", "--json", "--gpu", "512MiB",
+                            "--set", "train.gradient_checkpointing=[language]", "--set", "lora.scope=[language,vision]")
+    assert code == 1, err
+    memory = {c["name"]: c for c in json.loads(out)["checks"]}["memory"]
+    assert memory["status"] == "fail" and "does not fit" in memory["detail"]
+    assert "train.activation_offload with vision" in memory["detail"]
+    assert "with language" not in memory["detail"]  # checkpointed already: nothing to offload there
+    code, out, err = vlmfit("doctor", "recipes/digits-lora.yaml", "--samples", "2", "--json", "--gpu", "80GiB")
+    memory = {c["name"]: c for c in json.loads(out)["checks"]}["memory"]
+    assert memory["status"] == "ok" and "fits" in memory["detail"], memory

@@ -253,6 +253,8 @@ def prepare(source: Annotated[str, typer.Argument(help="file (jsonl/json/csv/par
 @app.command()
 def doctor(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the name of a shipped recipe)")], set: SetOpt = None,
            samples: Annotated[int, typer.Option(help="how many training examples to tokenize")] = 8,
+           gpu: Annotated[Optional[str], typer.Option(help="budget to check the memory plan against (default: this "
+                                                             "machine's GPU, if any): 14GiB or a card, e.g. a100-80gb")] = None,
            json_out: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False):
     """Pre-flight a recipe without training: labels, image tokens, truncation, LoRA targets, known pitfalls, caches."""
     from vlmfit.config import load_config
@@ -263,12 +265,42 @@ def doctor(recipe: Annotated[str, typer.Argument(help="YAML recipe (path, or the
     rep = run_doctor(cfg, samples)
     # doctor sits beside evaluate (neither imports the other): the evaluation cache is asked from here
     rep.add("evaluations", "ok", f"`vlmfit eval` of the recipe (its base model): {cache_status(cfg)}")
+    rep.add(*_memory_check(cfg, gpu))
     if json_out:
         print(json.dumps(rep.as_dict(), indent=2))
     else:
         print_report(rep, console)
     if rep.failed:
         raise typer.Exit(1)
+
+
+def _memory_check(cfg, gpu: str | None) -> tuple[str, str, str]:
+    """doctor's memory line: the plan against --gpu or this machine's GPU, and each same-math option that would save
+    memory when it does not fit. doctor sits beside memory (neither imports the other): asked from here."""
+    import torch
+
+    from vlmfit.memory.budget import GiB, parse_budget
+    from vlmfit.memory.estimate import plan_memory, recipe_shape
+    from vlmfit.memory.fit import memory_options
+
+    if cfg.method == "zo":
+        return "memory", "ok", "forward-only training: `vlmfit plan` gives its working set"
+    budget = parse_budget(gpu) if gpu else (torch.cuda.get_device_properties(0).total_memory
+                                            if torch.cuda.is_available() else None)
+    try:
+        shape = recipe_shape(cfg)
+        bd = plan_memory(cfg, device="cuda", budget=budget, shape=shape)
+    except UserError as e:  # the cause (e.g. LoRA targets that match nothing) has its own check above
+        return "memory", "warn", f"not planned: {e.what}"
+    host = f", {sum(bd.host.values()) / GiB:.2f} GiB in host memory" if bd.host else ""
+    if budget is None:
+        return "memory", "ok", f"planned peak {bd.peak / GiB:.2f} GiB on a CUDA GPU{host} (no GPU here: --gpu checks a budget)"
+    head = f"planned peak {bd.peak / GiB:.2f} GiB against {budget / GiB:.2f} GiB: {bd.verdict}{host}"
+    if bd.verdict == "fits":
+        return "memory", "ok", head
+    options = memory_options(shape, bd.inputs, cfg.model.name)
+    hint = "; ".join(f"{label} saves {saved / GiB:.2f} GiB" for label, saved in options) or "no same-math option left"
+    return "memory", "warn" if bd.verdict == "tight" else "fail", f"{head}. {hint}; `vlmfit plan --fit` searches all knobs"
 
 
 @app.command()

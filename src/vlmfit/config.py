@@ -33,6 +33,12 @@ class ModelConfig(_Section):
                                     "needed only for architectures transformers does not ship")
     allow_pickle: bool = Field(False, description="load pickle weights (pytorch_model.bin) when there are no safetensors; "
                                "pickle can run code, so only for files you trust (read with weights_only=True)")
+    per_layer_embeddings: Literal["device", "cpu", "auto"] = Field(
+        "auto", description="Gemma 3n / 4 per-layer embedding table on a GPU run: cpu keeps it in host memory (looked "
+        "up there, only the batch's rows go to the GPU); auto: cpu unless it is trained (full fine-tuning)")
+    unused_towers: Literal["device", "cpu"] = Field(
+        "cpu", description="towers the data never runs (Gemma 4's audio tower) on a GPU run: cpu keeps them in host "
+        "memory (exported unchanged either way)")
 
 
 class DataConfig(_Section):
@@ -153,6 +159,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: list[Literal["language", "vision"]] = Field(
         [], description="recompute activations in these towers during backward (less memory, ~30% more compute)"
     )
+    activation_offload: list[Literal["language", "vision"]] = Field(
+        [], description="keep the activations these towers save for backward in host memory (torch's saved-tensor "
+        "hooks; pinned copies on a GPU, brought back op by op in backward): same losses, the device holds about one "
+        "block's; not with gradient_checkpointing on the same tower")
     optim: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd"] = "adamw"
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
@@ -295,6 +305,18 @@ class RunConfig(_Section):
         if self.train.report_to and self.method == "zo":
             raise ValueError("train.report_to logs through the Trainer (methods full, lora, qlora, dpo); method zo runs its "
                              "own loop and logs to metrics.jsonl in the run directory: remove train.report_to")
+        return self
+
+    @model_validator(mode="after")
+    def _offload_or_checkpoint(self):
+        both = [t for t in self.train.activation_offload if t in self.train.gradient_checkpointing]
+        if both:
+            raise ValueError(f"train.activation_offload and train.gradient_checkpointing both name {', '.join(both)}: a "
+                             "checkpointed tower keeps only its block inputs, which checkpointing holds itself, so there "
+                             "is nothing to offload; keep one of the two for that tower")
+        if self.train.activation_offload and self.method == "zo":
+            raise ValueError("train.activation_offload keeps activations for backward; method zo runs forward only: "
+                             "remove train.activation_offload")
         return self
 
     def to_yaml(self) -> str:

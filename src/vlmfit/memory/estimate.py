@@ -74,8 +74,11 @@ class PlanInputs:
     dpo_reference: bool = False  # full-tuning DPO keeps a frozen reference copy of the weights
     packing: bool = False  # train.packing: the batch as one row of batch x seq tokens with a block-diagonal mask
     pack_tokens: int | None = None  # train.pack_tokens: at most this many tokens per packed row
+    activation_offload: tuple[str, ...] = ()  # train.activation_offload: towers whose saved activations go to host
     reuse_features: bool = False  # train.cache_image_features: a frozen tower's image features kept in host memory
     feature_cache_gib: float = 4.0
+    per_layer_embeddings: str = "auto"  # model.per_layer_embeddings: device | cpu | auto (models/placement.py)
+    unused_towers: str = "cpu"  # model.unused_towers: device | cpu
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Breakdown:
     phases: dict[str, float]  # static / backward / step (bytes, before overhead)
     peak: float
     notes: list[str] = field(default_factory=list)
+    host: dict[str, float] = field(default_factory=dict)  # bytes kept in host memory per module (not in `peak`)
     budget: int | None = None
     margin: float = SAFETY_MARGIN
 
@@ -111,6 +115,7 @@ class Breakdown:
             "components_gib": {k: round(v / GiB, 3) for k, v in self.components.items()},
             "phases_gib": {k: round(v / GiB, 3) for k, v in self.phases.items()},
             "peak_bytes": int(self.peak), "peak_gib": round(self.peak / GiB, 3), "notes": self.notes,
+            "host_gib": {k: round(v / GiB, 3) for k, v in self.host.items()},
         }  # fmt: skip
         if self.budget:
             d.update(budget_gib=round(self.budget / GiB, 3), margin=self.margin, verdict=self.verdict)
@@ -127,6 +132,9 @@ class Breakdown:
             t.add_row(name, f"{value / GiB:.2f}", COMPONENT_NOTES.get(name, ""))
         t.add_section()
         t.add_row("[bold]peak[/]", f"[bold]{self.peak / GiB:.2f}[/]", "static + max(backward, optimizer step) + overhead")
+        if self.host:
+            t.add_row("host memory", f"{sum(self.host.values()) / GiB:.2f}", "kept off the device: "
+                      + ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.host.items()))
         if self.budget:
             colour = {"fits": "green", "tight": "yellow"}.get(self.verdict, "red")
             t.add_row("budget", f"{self.budget / GiB:.2f}", f"[{colour}]{self.verdict}[/] "
@@ -230,17 +238,38 @@ def _bytes(inp: PlanInputs) -> _Bytes:
                   stream=4 if upcast else wb, autocast16=autocast16, cuda=inp.device.startswith("cuda"))
 
 
+def _linear_bytes(w: int, b: int, out: int, quantized: bool, inp: PlanInputs, by: _Bytes) -> float:
+    if by.quant == "4bit" and quantized:
+        return w * NF4_BITS[inp.double_quant] / 8 + b * by.stream
+    if by.quant == "8bit" and quantized:
+        return w + out * 4 + b * by.stream  # int8 weight + an fp32 scale per output row
+    return (w + b) * by.stream
+
+
 def weights_by_part(shape: ModelShape, inp: PlanInputs, by: _Bytes) -> dict[str, float]:
     """Bytes of the base model as loaded, per part: quantized linears at NF4 or int8, the rest in its dtype."""
     parts = {p: n * by.stream for p, n in shape.other_params.items()}
     for part, w, b, out, quantized in shape.linears.values():
-        if by.quant == "4bit" and quantized:
-            parts[part] += w * NF4_BITS[inp.double_quant] / 8 + b * by.stream
-        elif by.quant == "8bit" and quantized:
-            parts[part] += w + out * 4 + b * by.stream  # int8 weight + an fp32 scale per output row
-        else:
-            parts[part] += (w + b) * by.stream
+        parts[part] += _linear_bytes(w, b, out, quantized, inp, by)
     return parts
+
+
+def host_weights(shape: ModelShape, inp: PlanInputs, by: _Bytes) -> dict[str, float]:
+    """Bytes of the modules a GPU run keeps in host memory (models/placement.py), per module."""
+    from types import SimpleNamespace
+
+    from vlmfit.models.placement import host_modules
+
+    if not by.cuda:
+        return {}
+    keys = SimpleNamespace(per_layer_embeddings=inp.per_layer_embeddings, unused_towers=inp.unused_towers)
+    out = {}
+    for name in host_modules(shape.model, shape.family, keys, inp.method, inp.lora_train_fully):
+        inside = [v for k, v in shape.linears.items() if k.startswith(name + ".")]
+        total = sum(p.numel() for p in shape.model.get_submodule(name).parameters())
+        rest = total - sum(w + b for _, w, b, _, _ in inside)
+        out[name] = rest * by.stream + sum(_linear_bytes(w, b, o, q, inp, by) for _, w, b, o, q in inside)
+    return out
 
 
 @dataclass(frozen=True)
@@ -315,20 +344,35 @@ def _towers(shape: ModelShape, inp: PlanInputs, t: _Trainable, dt: Dtypes) -> _T
 def tower_activations(shape: ModelShape, inp: PlanInputs, tw: _Towers, which: str, tokens: int) -> tuple[float, float]:
     """(saved bytes, backward working bytes) of one tower over `tokens` positions; per-token figures are cached
     for fit's search."""
+    saved, working, _ = _tower(shape, inp, tw, which)
+    return saved * tokens, working * tokens
+
+
+def offloaded_activations(shape: ModelShape, inp: PlanInputs, tw: _Towers, which: str, tokens: int) -> float:
+    """Bytes of one tower's saved activations that train.activation_offload keeps in host memory."""
+    return _tower(shape, inp, tw, which)[2] * tokens
+
+
+def _tower(shape: ModelShape, inp: PlanInputs, tw: _Towers, which: str) -> tuple[float, float, float]:
+    """Per token: (saved on the device, backward working set, saved in host memory). Offloaded activations
+    (models/offload.py) are packed to the host as they are saved, and unpacked one op at a time in backward: the
+    device holds about one block's."""
     layers = shape.text_layers if which == "language" else shape.vision_layers
     mode, ckpt = tw.modes[which], which in inp.checkpointing
     if not layers or mode == "none":
-        return 0.0, 0.0
-    key = ("tower", which, mode, tw.dt, tw.key, inp.lora_r, inp.lora_dropout, ckpt)
+        return 0.0, 0.0, 0.0
+    offload = which in inp.activation_offload and not ckpt
+    key = ("tower", which, mode, tw.dt, tw.key, inp.lora_r, inp.lora_dropout, ckpt, offload)
     if key not in shape.cache:
         per = [layer_bytes(L, mode, tw.dt, tw.lora_names, inp.lora_r, inp.lora_dropout) for L in layers]
         work = max(working_bytes(L, tw.dt) for L in layers)
         if ckpt:
-            shape.cache[key] = (sum(checkpoint_bytes(L, tw.dt) for L in layers), max(per) + work)
+            shape.cache[key] = (sum(checkpoint_bytes(L, tw.dt) for L in layers), max(per) + work, 0.0)
+        elif offload:
+            shape.cache[key] = (max(per), work, sum(per) - max(per))
         else:
-            shape.cache[key] = (sum(per), work)
-    saved, working = shape.cache[key]
-    return saved * tokens, working * tokens
+            shape.cache[key] = (sum(per), work, 0.0)
+    return shape.cache[key]
 
 
 def language_activations(shape: ModelShape, inp: PlanInputs, tw: _Towers, seq: int) -> tuple[float, float, list[str]]:
@@ -390,7 +434,9 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
     by_part = weights_by_part(shape, inp, by)
     if inp.method == "zo":
         return _forward_only(shape, inp, name, by_part)
-    weights = sum(by_part.values()) * (2 if inp.dpo_reference else 1)
+    host = host_weights(shape, inp, by)
+    weights = (sum(by_part.values()) - sum(host.values())) * (2 if inp.dpo_reference else 1)
+    host = dict(host)
     t = trainable(shape, inp, by)
     grads = t.params * t.bytes
     optim = optimizer_state(inp, t)
@@ -402,6 +448,11 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
     lang, lang_work, lang_notes = language_activations(shape, inp, tw, seq)
     vis, vis_work = tower_activations(shape, inp, tw, "vision", b * positions)
     logits, loss_notes = logits_and_loss(shape, inp, dt, seq)
+    for which, tokens in (("language", b * seq), ("vision", b * positions)):
+        if which in inp.activation_offload and (moved := offloaded_activations(shape, inp, tw, which, tokens)):
+            host[f"activations ({which}, train.activation_offload)"] = moved
+            if which in inp.checkpointing:
+                notes.append(f"activation offload of {which}: nothing to offload, the tower is checkpointed")
     notes += lang_notes + loss_notes
 
     # The phases of a step (module docstring): the gradients alive in backward are all of them under gradient
@@ -420,11 +471,14 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
         "overhead": overhead,
     }  # fmt: skip
     notes += _advice(shape, inp, tw.modes, lang, peak, img_tokens)
+    notes += [f"{k} kept in host memory: {v / GiB:.2f} GiB off the device ("
+              + ("model.per_layer_embeddings" if k in shape.family.host_tables else "model.unused_towers") + ")"
+              for k, v in host.items() if not k.startswith("activations")]
     return Breakdown(
         model=name, inputs=inp, params=dict(shape.params), trainable_params=int(t.params), weights_by_part=by_part,
         tokens={"seq_len": seq, "image_tokens": img_tokens, "vision_positions": positions, "batch": b},
         components=components, phases={"static": static, "backward": backward, "step": step},
-        peak=peak + overhead, notes=notes,
+        peak=peak + overhead, notes=notes, host=host,
     )  # fmt: skip
 
 
@@ -471,7 +525,8 @@ def per_gpu(bd: Breakdown, shape: ModelShape, strategy: str, n: int) -> dict[str
     DDP replicates (plus gradient buckets); ZeRO-2 = 4P + 16P/N and ZeRO-3 = 4*largest layer + 18P/N over the
     trained params P (DeepSpeed's estimator: fp32 master + states); FSDP FULL_SHARD shards weights, grads and
     optimizer state in the model's own dtypes and gathers ~2 layers at a time."""
-    c = bd.components
+    c = dict(bd.components)
+    c["weights"] += sum(v for k, v in bd.host.items() if not k.startswith("activations"))  # launched: no host weights
     acts = c["activations (language)"] + c["activations (vision)"] + max(c["logits + loss"], c["backward working set"])
     frozen_w = c["weights"] if bd.inputs.method != "full" else 0.0
     p = bd.trainable_params
@@ -518,6 +573,8 @@ def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] |
         lora_scope=tuple(lo.scope), lora_train_fully=tuple(lo.train_fully), lora_dropout=lo.dropout,
         dpo_reference=dpo_ref, packing=t.packing, pack_tokens=t.pack_tokens,
         reuse_features=t.cache_image_features and cfg.method != "dpo", feature_cache_gib=t.feature_cache_gib,
+        per_layer_embeddings=m.per_layer_embeddings, unused_towers=m.unused_towers,
+        activation_offload=tuple(t.activation_offload),
     )  # fmt: skip
 
 

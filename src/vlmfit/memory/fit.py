@@ -1,17 +1,19 @@
 """Auto-fit a recipe to a GPU budget: search the memory knobs, keep the fastest configuration that fits.
 
 Knobs: method (full -> lora -> qlora), 8-bit loading, batch size with gradient accumulation (the global batch
-is kept), gradient checkpointing per tower, optimizer (AdamW -> 8-bit AdamW), image resolution cap (Qwen
+is kept), gradient checkpointing per tower, activation offload to host memory per tower (not beside checkpointing of
+the same tower), optimizer (AdamW -> 8-bit AdamW), image resolution cap (Qwen
 max_pixels, Gemma 4 max_soft_tokens) and frames per example for video.
 
 Choice = lexicographic (what changes in the result, then predicted time):
-1. fidelity rank: changes that keep the same training math rank 0 (micro-batch split, checkpointing, 8-bit
-   optimizer state); a lossy change of the model ranks 1 each (full -> LoRA, 8-bit or 4-bit base); fewer pixels or
+1. fidelity rank: changes that keep the same training math rank 0 (micro-batch split, checkpointing, activation
+   offload, 8-bit optimizer state); a lossy change of the model ranks 1 each (full -> LoRA, 8-bit or 4-bit base); fewer pixels or
    frames per example rank 2 per step down (the model sees less of each image);
 2. predicted time per optimizer step under a simple cost model, relative to the recipe as written:
    time ~ global batch x tokens x (1 + 0.25 / micro-batch)      (small micro-batches use a GPU poorly)
           x 1.33 with language checkpointing (one extra forward) and + 0.33 x vision's share of compute
-          x 1.25 for 4-bit (dequantize every matmul), x 1.5 for LLM.int8, x 1.02 for 8-bit AdamW.
+          x 1.25 for 4-bit (dequantize every matmul), x 1.5 for LLM.int8, x 1.02 for 8-bit AdamW,
+          + 0.15 x a tower's share for offloading its activations (host copies both ways over PCIe).
 """
 
 from __future__ import annotations
@@ -53,17 +55,23 @@ def _options(inp: PlanInputs, shape: ModelShape, unit: int = 1) -> dict[str, lis
         frames += [f for f in FRAME_SPLITS[1:] if f < inp.video_frames]
     quants = ["none", "8bit"] if inp.quantization == "none" else [inp.quantization]
     optims = [inp.optim] + (["adamw-8bit"] if inp.optim == "adamw" else [])
-    return dict(method=methods, quant=quants, ckpt=ckpts, optim=optims, batch=batches, res=res, frames=frames)
+    offloads = [inp.activation_offload] + [o for o in ((), ("language",), ("vision",), ("language", "vision"))
+                                           if o != inp.activation_offload]
+    return dict(method=methods, quant=quants, ckpt=ckpts, optim=optims, batch=batches, res=res, frames=frames,
+                offload=offloads)
 
 
-def _candidate(inp: PlanInputs, res_key: str | None, method, quant, ckpt, optim, batch, res, frames) -> PlanInputs | None:
+def _candidate(inp: PlanInputs, res_key: str | None, method, quant, ckpt, optim, batch, res, frames,
+               offload=()) -> PlanInputs | None:
     if method == "qlora" and quant == "8bit":
         return None
+    if set(offload) & set(ckpt):
+        return None  # a checkpointed tower has nothing to offload (config.py refuses both)
     if method == "full" and quant != "none":
         return None  # bitsandbytes weights cannot be trained in full
     g = inp.batch_size * inp.grad_accum
     new = replace(inp, method=method, quantization=quantization_for(method, quant), checkpointing=ckpt,
-                  optim=optim, batch_size=batch, grad_accum=g // batch)
+                  optim=optim, batch_size=batch, grad_accum=g // batch, activation_offload=tuple(offload))
     if res_key:
         new = replace(new, **{res_key: res})
     if frames:  # each example becomes `frames` frames fed as images, instead of one long video
@@ -98,6 +106,7 @@ def relative_time(bd: Breakdown, shape: ModelShape) -> float:
         t *= 1 + 0.33 * share
     t *= {"4bit": 1.25, "8bit": 1.5}.get(inp.quantization, 1.0)
     t *= 1.02 if "8bit" in inp.optim else 1.0
+    t *= 1 + 0.15 * (("language" in inp.activation_offload) * (1 - share) + ("vision" in inp.activation_offload) * share)
     return t
 
 
@@ -124,7 +133,7 @@ def _to_config(cfg, orig: PlanInputs, new: PlanInputs):
     """The recipe with the chosen knobs, built with model_copy on the frozen sections."""
     t = cfg.train.model_copy(update=dict(batch_size=new.batch_size // (2 if cfg.method == "dpo" else 1) or 1,
                                          grad_accum=new.grad_accum, gradient_checkpointing=list(new.checkpointing),
-                                         optim=new.optim))
+                                         optim=new.optim, activation_offload=list(new.activation_offload)))
     m = cfg.model.model_copy(update=dict(quantization="none" if new.method == "qlora" else new.quantization,
                                          max_pixels=new.max_pixels, max_soft_tokens=new.max_soft_tokens))
     upd = dict(model=m, train=t)
@@ -154,6 +163,10 @@ def _reasons(orig: Breakdown, best: Breakdown, budget: int) -> list[str]:
         out.append(f"gradient checkpointing {list(a.checkpointing)} -> {list(b.checkpointing)}: activations "
                    f"{comp(orig, 'activations (language)') + comp(orig, 'activations (vision)'):.2f} -> "
                    f"{comp(best, 'activations (language)') + comp(best, 'activations (vision)'):.2f} GiB (~33% more compute)")
+    if a.activation_offload != b.activation_offload:
+        out.append(f"activation offload {list(a.activation_offload)} -> {list(b.activation_offload)}: "
+                   f"{sum(v for k, v in best.host.items() if k.startswith('activations')) / GiB:.2f} GiB of saved "
+                   "activations in host memory (same math, host copies over PCIe)")
     if a.optim != b.optim:
         out.append(f"optimizer {a.optim} -> {b.optim}: state {comp(orig, 'optimizer'):.2f} -> {comp(best, 'optimizer'):.2f} GiB")
     if a.batch_size != b.batch_size:
@@ -197,3 +210,24 @@ def write_recipe(cfg, reasons: list[str], path: str | Path) -> Path:
     head = "# Fitted by `vlmfit plan --fit`:\n" + "".join(f"#   {r}\n" for r in reasons)
     p.write_text(head + cfg.to_yaml())
     return p
+
+
+def memory_options(shape: ModelShape, inp: PlanInputs, name: str = "") -> list[tuple[str, float]]:
+    """The same-math memory options this recipe has not switched on, each with the device bytes it saves alone
+    (largest first): what `vlmfit plan` and `vlmfit doctor` suggest when a run does not fit."""
+    base = estimate(shape, inp, name).peak
+    tried = []
+    if inp.per_layer_embeddings == "device" and shape.family.host_tables:
+        tried.append(("model.per_layer_embeddings: cpu", replace(inp, per_layer_embeddings="cpu")))
+    if inp.unused_towers == "device" and shape.family.unused_towers:
+        tried.append(("model.unused_towers: cpu", replace(inp, unused_towers="cpu")))
+    if not inp.lean_loss:
+        tried.append(("train.lean_loss: true", replace(inp, lean_loss=True)))
+    for tower in ("language", "vision"):
+        if tower not in inp.checkpointing and tower not in inp.activation_offload:
+            tried.append((f"train.activation_offload with {tower} (or its gradient_checkpointing)",
+                          replace(inp, activation_offload=(*inp.activation_offload, tower))))
+    if "8bit" not in inp.optim and inp.optim != "sgd":
+        tried.append(("train.optim: adamw-8bit", replace(inp, optim="adamw-8bit")))
+    saved = [(label, base - estimate(shape, new, name).peak) for label, new in tried]
+    return sorted([(label, s) for label, s in saved if s >= 0.01 * GiB], key=lambda x: -x[1])

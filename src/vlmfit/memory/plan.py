@@ -93,6 +93,11 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
     console.print(bd.table())
     for note in bd.notes:
         console.print(f"[dim]-[/] {note}")
+    if bd.verdict in ("does not fit", "tight"):
+        from vlmfit.memory.fit import memory_options
+
+        for label, saved in memory_options(shape, bd.inputs, cfg.model.name):
+            console.print(f"[dim]-[/] would save {saved / GiB:.2f} GiB: {label}")
     if gpus > 1:
         console.print(multi_gpu_table(bd, shape, gpus, [strategy] if strategy else STRATEGIES))
     if "fit" in result:

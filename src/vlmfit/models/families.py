@@ -147,6 +147,11 @@ class Family:
     # head itself, chunk by chunk; tests/test_loss.py checks it against each family's own full-logits loss. Gemma 3's
     # forward applies none, whatever its config says.
     softcaps_logits: bool = False
+    # Modules vlmfit's data never runs (Gemma 4's audio tower: vlmfit trains on images and video) and frozen lookup
+    # tables with no matmul (Gemma 3n / 4's per-layer embeddings): kept in host memory on a GPU run
+    # (models/placement.py, model.unused_towers / model.per_layer_embeddings); the planner leaves them off the device.
+    unused_towers: tuple[str, ...] = ()
+    host_tables: tuple[str, ...] = ()
 
 
 _QWEN = dict(
@@ -239,6 +244,8 @@ FAMILIES: dict[str, Family] = {
             image_rule=ImageRule("soft_tokens", soft_tokens=280, video_soft_tokens=70, note="max_soft_tokens, encoder 9x"),
             image_features=_gemma4_features,
             softcaps_logits=True,
+            unused_towers=("model.audio_tower", "model.embed_audio"),
+            host_tables=("model.language_model.embed_tokens_per_layer",),
             advice=(
                 "Gemma 4 LoRA has shown exploding gradient norms (transformers#45676): clip at max_grad_norm 0.1 "
                 "with lr ~5e-5.",

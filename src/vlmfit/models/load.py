@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ class Loaded:
     processor: object
     family: Family
     source: str  # where the weights came from (resolved directory or hub id)
+    notes: list[str] = field(default_factory=list)  # what loading decided that the run should print
 
 
 def resolve_reference(name: str) -> str:
@@ -218,7 +220,13 @@ def load_for(cfg, name: str | None = None, dtype: str | None = None) -> Loaded:
     revision then does not apply. `dtype` overrides model.dtype (export merges in float32)."""
     m = cfg.model
     name = name or m.name
-    return load(name, dtype or m.dtype, m.revision if name == m.name else None, m, cfg.quantization)
+    loaded = load(name, dtype or m.dtype, m.revision if name == m.name else None, m, cfg.quantization)
+    if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1:  # DDP needs every parameter on one device type
+        from vlmfit.models.placement import host_modules, place
+
+        loaded.notes.extend(place(loaded.model, host_modules(loaded.model, loaded.family, m, cfg.method,
+                                                             cfg.lora.train_fully if cfg.lora else ())))
+    return loaded
 
 
 def check_image_token(model, processor, family: Family, name: str) -> None:

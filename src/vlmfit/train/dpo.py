@@ -24,6 +24,7 @@ from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.evaluate.preference import evaluate_preference
 from vlmfit.launch.ranks import barrier, is_main, main_first
 from vlmfit.models.load import Loaded, load_for
+from vlmfit.models.offload import offload_activations
 from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, enable_checkpointing, peft_config, prepare_kbit,
                                    resolve_for)
 from vlmfit.rundir import RunDir, RunSummary
@@ -192,6 +193,7 @@ def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg:
         reference = "a frozen copy of the starting model (full fine-tuning needs one)"
 
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
+    offload_activations(model, loaded.family, cfg.train.activation_offload)
     args = DPOConfig(
         **trainer_arguments(cfg, run),
         **launch_arguments(cfg, model, loaded.family, run),

@@ -22,6 +22,7 @@ from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.launch.ranks import barrier, is_main, main_first, world_size
 from vlmfit.models.features import FeatureCache, feature_cache_refusal
 from vlmfit.models.load import Loaded, load_for
+from vlmfit.models.offload import offload_activations
 from vlmfit.models.packing import packing_refusal
 from vlmfit.models.towers import TowerSync
 from vlmfit.models.targets import enable_checkpointing, make_trainable
@@ -52,6 +53,8 @@ def train_sft(cfg: RunConfig, console: Console | None = None, profile: bool = Fa
         collator = VisionChatCollator(loaded.processor, loaded.family, loss_on=cfg.train.loss_on, max_length=cfg.train.max_length)
         console.print(f"family [bold]{loaded.family.name}[/]; labels by {collator.label_method} "
                       f"({LABEL_METHODS[collator.label_method]}); loss on {cfg.train.loss_on} tokens")
+        for note in loaded.notes:
+            console.print(note)
         train_ds, length_report = apply_length_policy(with_row_ids(splits.train), collator, cfg, console)
         note_uneven_epoch(len(train_ds), cfg, console)
         run = life.open(overwrite, loaded)
@@ -115,6 +118,7 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
 
     guard = guard or DivergenceGuard(cfg, run)
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
+    offload_activations(model, loaded.family, cfg.train.activation_offload)
     trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss, family=loaded.family, features=features,
                              sync=sync)(
         model=model,
