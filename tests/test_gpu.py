@@ -91,3 +91,54 @@ def test_plan_against_cuda_measurement(method):
     RESULTS[f"plan {method}"] = {"measured_mib": measured.peak / 2**20, "predicted_mib": predicted.peak / 2**20,
                                  "measured_over_predicted": round(ratio, 3)}
     assert 0.9 < ratio < 1.1, f"{method}: measured {measured.peak / 2**20:.1f} MiB = {ratio:.3f} x the plan"
+
+
+def test_host_memory_placement_and_offload_on_cuda():
+    """Issue 30 on a GPU: a tiny Gemma 4 with its per-layer table kept in host memory computes the same loss and
+    gradients as all-on-device, and holds the table's bytes less on the device (max_memory_allocated); activation
+    offload keeps the same losses and lowers the peak; the fused loss equals full logits in bf16 autocast."""
+    from vlmfit.chat.collate import VisionChatCollator
+    from vlmfit.chat.schema import chat_example
+    from vlmfit.models.load import load
+    from vlmfit.models.loss import causal_lm_loss
+    from vlmfit.models.offload import offload_activations
+    from vlmfit.models.placement import host_modules, place
+
+    from helpers import digit_image
+
+    def run(kept: bool, offload: bool):
+        torch.manual_seed(0)
+        loaded = load("tiny:gemma4", dtype="float32")
+        model = loaded.model
+        if kept:
+            place(model, host_modules(model, loaded.family, load_config(base={"model": {"name": "x"}}).model, "lora"))
+        for name, p in model.named_parameters():
+            p.requires_grad_("embed_tokens_per_layer" not in name)
+        model.to("cuda")
+        if offload:
+            offload_activations(model, loaded.family, ["language", "vision"])
+        batch = VisionChatCollator(loaded.processor, loaded.family)(
+            [chat_example("What digit is this?", "seven", [digit_image(i)]) for i in range(4)])
+        batch = {k: v.to("cuda") if torch.is_tensor(v) else v for k, v in batch.items()}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = causal_lm_loss(model, batch)
+        loss.backward()
+        torch.cuda.synchronize()
+        grads = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+        table = model.get_submodule("model.language_model.embed_tokens_per_layer").weight
+        return float(loss), grads, base, torch.cuda.max_memory_allocated() - base, table.device.type
+
+    ref_loss, ref_g, ref_base, ref_peak, ref_dev = run(False, False)
+    kept_loss, kept_g, kept_base, kept_peak, kept_dev = run(True, False)
+    off_loss, off_g, _, off_peak, _ = run(False, True)
+    assert ref_dev == "cuda" and kept_dev == "cpu"
+    assert kept_loss == pytest.approx(ref_loss, rel=1e-6) and off_loss == pytest.approx(ref_loss, rel=1e-6)
+    for g in (kept_g, off_g):
+        assert g.keys() == ref_g.keys()
+        assert all(torch.allclose(g[n], ref_g[n], rtol=1e-4, atol=1e-7) for n in g)
+    assert kept_base < ref_base
+    RESULTS["host_placement"] = {"weights_on_device_bytes": {"all": ref_base, "table_on_host": kept_base},
+                                 "step_peak_above_weights_bytes": {"plain": ref_peak, "table_on_host": kept_peak,
+                                                                   "activation_offload": off_peak}}

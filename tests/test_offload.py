@@ -85,3 +85,19 @@ def test_planner_moves_offloaded_activations_to_the_host():
     host = off.host["activations (language, train.activation_offload)"]
     assert host + lang_off == pytest.approx(lang, rel=1e-9)
     assert off.peak < plain.peak and off.components["activations (vision)"] == plain.components["activations (vision)"]
+
+
+def test_fit_keeps_host_memory_within_the_host_budget(monkeypatch):
+    """plan --fit may offload activations, but never past the host memory it has ($VLMFIT_HOST_MEMORY)."""
+    from vlmfit.memory.budget import GiB
+    from vlmfit.memory.fit import search
+
+    shape = model_shape(load_model_config("Qwen/Qwen2.5-VL-3B-Instruct"))
+    inp = PlanInputs(method="lora", text_tokens=2048, batch_size=4, lora_scope=("language", "vision"))
+    monkeypatch.setenv("VLMFIT_HOST_MEMORY", "1000GiB")
+    roomy, _ = search(shape, inp, int(12 * GiB))
+    assert any(bd.inputs.activation_offload for _, _, bd in roomy)  # offloading is among the candidates
+    monkeypatch.setenv("VLMFIT_HOST_MEMORY", "2GiB")
+    tight, _ = search(shape, inp, int(12 * GiB))
+    assert tight and all(sum(bd.host.values()) <= 2 * GiB for _, _, bd in tight)
+    assert len(tight) < len(roomy)

@@ -149,7 +149,7 @@ COMPONENT_NOTES = {
     "optimizer": "optimizer state (AdamW 2 x param dtype; 8-bit: 2 B/param)",
     "activations (language)": "saved for backward over all language blocks",
     "activations (vision)": "saved for backward in the vision tower (0 when it is frozen)",
-    "logits + loss": "lean loss: logits of the labelled tokens + one fp32 chunk (full logits: batch x seq x vocab)",
+    "logits + loss": "fused head + loss: one chunk of labelled positions at a time (full logits: batch x seq x vocab)",
     "backward working set": "gradients in flight in one block (+ its recomputation with checkpointing)",
     "optimizer step temporaries": "AdamW's sqrt of the second moment (foreach on CUDA; per tensor on CPU)",
     "overhead": "CUDA context and library workspaces (not counted by max_memory_allocated)",

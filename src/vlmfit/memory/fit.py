@@ -110,10 +110,24 @@ def relative_time(bd: Breakdown, shape: ModelShape) -> float:
     return t
 
 
+def host_budget() -> int:
+    """Host memory a fitted recipe may keep there (offloaded activations, host-resident weights): 80% of this
+    machine's RAM ($VLMFIT_HOST_MEMORY, e.g. 256GiB, for planning another machine's)."""
+    import os
+
+    from vlmfit.memory.budget import parse_budget
+
+    if os.environ.get("VLMFIT_HOST_MEMORY"):
+        return parse_budget(os.environ["VLMFIT_HOST_MEMORY"])
+    return int(0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def search(shape: ModelShape, inp: PlanInputs, budget: int, margin: float = SAFETY_MARGIN, name: str = "",
            unit: int = 1):
-    """All candidates (rank, time, breakdown) that fit, best first, and the smallest plan seen."""
+    """All candidates (rank, time, breakdown) that fit the device and the host, best first, and the smallest plan
+    seen."""
     opts = _options(inp, shape, unit)
+    host = host_budget()
     res_key = _resolution_key(shape.family)
     fitting, smallest = [], None
     for combo in itertools.product(*opts.values()):
@@ -123,7 +137,7 @@ def search(shape: ModelShape, inp: PlanInputs, budget: int, margin: float = SAFE
         bd = estimate(shape, new, name).with_budget(budget, margin)
         if smallest is None or bd.peak < smallest.peak:
             smallest = bd
-        if bd.verdict == "fits":
+        if bd.verdict == "fits" and sum(bd.host.values()) <= host:
             fitting.append((fidelity_rank(inp, new, opts["res"], opts["frames"]), relative_time(bd, shape), bd))
     fitting.sort(key=lambda x: (x[0], x[1]))
     return fitting, smallest
@@ -162,7 +176,8 @@ def _reasons(orig: Breakdown, best: Breakdown, budget: int) -> list[str]:
     if a.checkpointing != b.checkpointing:
         out.append(f"gradient checkpointing {list(a.checkpointing)} -> {list(b.checkpointing)}: activations "
                    f"{comp(orig, 'activations (language)') + comp(orig, 'activations (vision)'):.2f} -> "
-                   f"{comp(best, 'activations (language)') + comp(best, 'activations (vision)'):.2f} GiB (~33% more compute)")
+                   f"{comp(best, 'activations (language)') + comp(best, 'activations (vision)'):.2f} GiB"
+                   + (" (~33% more compute)" if len(b.checkpointing) > len(a.checkpointing) else ""))
     if a.activation_offload != b.activation_offload:
         out.append(f"activation offload {list(a.activation_offload)} -> {list(b.activation_offload)}: "
                    f"{sum(v for k, v in best.host.items() if k.startswith('activations')) / GiB:.2f} GiB of saved "
