@@ -62,6 +62,10 @@ def test_bad_yaml_points_at_line(tmp_path):
     (["method=full", "model.quantization=8bit"], "cannot be trained in full (method)"),
     (["method=dpo", "dpo.pairs_from_labels=mixed", "data.task=preference"], "data.task is preference"),
     (["method=zo", "zo.optimizer=coop", "zo.target=lora"], "coop is backprop prompt tuning"),
+    (["method=grpo", "train.loss_on=all"], "GRPO trains on sampled completions"),
+    (["method=grpo", "grpo.num_generations=3", "train.batch_size=8"], "must be a multiple of grpo.num_generations (3)"),
+    (["method=grpo", "grpo.tuning=full", "model.quantization=4bit"], "grpo.tuning: lora trains adapters"),
+    (["method=grpo", "train.packing=true"], "not method grpo"),
 ])
 def test_method_option_refusals_are_config_errors(sets, message):
     """Combinations a method cannot run are refused when the recipe loads (config.py), before any model or data."""

@@ -19,12 +19,17 @@ from vlmfit.models.tiny import TINY_FAMILIES
 from vlmfit.rundir import RunDir
 from vlmfit.chat.collate import VisionChatCollator
 from vlmfit.chat.collate import PreferenceCollator
-from vlmfit.train.dpo import load_pairs, load_start, make_trainer, train_dpo
+from vlmfit.train.dpo import load_pairs, make_trainer, train_dpo
+from vlmfit.train.start import load_start as _load_start
 from vlmfit.train.sft import apply_length_policy, train_sft
 
 from helpers import digit_image
 
 QUIET = Console(quiet=True)
+
+
+def dpo_start(cfg, console):
+    return _load_start(cfg, console, cfg.dpo.init_from, cfg.dpo.tuning, "dpo.init_from")
 
 
 def dpo_cfg(tmp_path, digits, family="qwen2_vl", **extra):
@@ -53,7 +58,7 @@ def lora_dpo(tmp_path, digits, family):
     """(config, pairs, where DPO starts, the trainer vlmfit builds, its reference in words, the pair collator)."""
     cfg = dpo_cfg(tmp_path, digits, family)
     data = load_pairs(cfg)
-    loaded, start = load_start(cfg, QUIET)
+    loaded, start = dpo_start(cfg, QUIET)
     collator = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
     trainer, reference = make_trainer(loaded, collator, data.train, cfg, RunDir(tmp_path), QUIET)
     return cfg, data, start, trainer, reference, collator
@@ -168,10 +173,10 @@ def test_sft_then_dpo_continues_the_lora_adapter(tmp_path, digits):
 
 def test_init_from_is_checked(tmp_path, digits):
     with pytest.raises(UserError, match="not a run directory"):
-        load_start(dpo_cfg(tmp_path, digits, **{"dpo.init_from": str(tmp_path)}), QUIET)
+        dpo_start(dpo_cfg(tmp_path, digits, **{"dpo.init_from": str(tmp_path)}), QUIET)
     (tmp_path / "config.yaml").write_text("model: {name: tiny:gemma3}\n")
     with pytest.raises(UserError, match="set model.name: tiny:gemma3"):
-        load_start(dpo_cfg(tmp_path, digits, **{"dpo.init_from": str(tmp_path)}), QUIET)
+        dpo_start(dpo_cfg(tmp_path, digits, **{"dpo.init_from": str(tmp_path)}), QUIET)
     with pytest.raises(UserError, match="preference pairs"):
         load_pairs(dpo_cfg(tmp_path, digits, **{"dpo.pairs_from_labels": "null"}))
 
@@ -179,7 +184,7 @@ def test_init_from_is_checked(tmp_path, digits):
 def test_full_dpo_keeps_a_frozen_reference_and_lora_can_start_from_its_weights(tmp_path, digits):
     cfg = dpo_cfg(tmp_path, digits, **{"dpo.tuning": "full", "train.max_steps": 2, "train.lr": 1e-3, "eval.before": "false",
                                        "eval.after": "false", "output.name": "full"})
-    loaded, _ = load_start(cfg, QUIET)
+    loaded, _ = dpo_start(cfg, QUIET)
     collator = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
     trainer, reference = make_trainer(loaded, collator, load_pairs(cfg).train, cfg, RunDir(tmp_path), QUIET)
     ref = trainer.ref_model
@@ -217,7 +222,7 @@ def test_preference_source_as_given(tmp_path):
 
 def test_qlora_dpo_trains_adapters_on_a_4bit_base(tmp_path, digits):
     cfg = dpo_cfg(tmp_path, digits, **{"model.quantization": "4bit", "train.max_steps": 2})
-    loaded, _ = load_start(cfg, QUIET)
+    loaded, _ = dpo_start(cfg, QUIET)
     assert getattr(loaded.model, "is_loaded_in_4bit", False)
     collator = PreferenceCollator(VisionChatCollator(loaded.processor, loaded.family))
     trainer, reference = make_trainer(loaded, collator, load_pairs(cfg).train, cfg, RunDir(tmp_path), QUIET)

@@ -57,7 +57,8 @@ KILLER = textwrap.dedent("""\
     made = trainer.trainer_callbacks
     trainer.trainer_callbacks = lambda run, guard, cfg: [Kill()] + made(run, guard, cfg)
     import vlmfit.train.dpo as dpo
-    sft.trainer_callbacks = dpo.trainer_callbacks = trainer.trainer_callbacks
+    import vlmfit.train.grpo as grpo
+    sft.trainer_callbacks = dpo.trainer_callbacks = grpo.trainer_callbacks = trainer.trainer_callbacks
     complete = RunDir.complete_checkpoint
     def complete_or_die(self, step, info, keep=None):
         if where == "save" and step == k:

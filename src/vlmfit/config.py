@@ -102,6 +102,59 @@ class DpoConfig(_Section):
     )
 
 
+class RewardConfig(_Section):
+    """One reward of method grpo: a built-in name or the user's own function, its weight and its arguments."""
+
+    fn: str = Field(description="exact_match, normalised_match, numeric, multiple_choice, format, length_penalty, or "
+                    "your own: path/to/rewards.py:function or module:function, called as fn(completions, **columns)")
+    weight: float = 1.0
+    name: str | None = Field(None, description="the name it is logged under (default: the function's)")
+    args: dict[str, Any] = Field({}, description="keyword arguments for the function (numeric: tolerance, relative)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v):
+        return {"fn": v} if isinstance(v, str) else v
+
+
+class GrpoConfig(_Section):
+    """Reinforcement learning with verifiable rewards (method: grpo) on TRL's GRPOTrainer: each prompt gets
+    num_generations sampled completions, the rewards score them, and the policy moves toward the better ones of its
+    group. The policy is trained with `tuning` (LoRA uses the lora section; QLoRA: model.quantization: 4bit)."""
+
+    tuning: Literal["lora", "full"] = "lora"
+    rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(fn="exact_match")], min_length=1,
+                                        description="the rewards, summed with their weights")
+    num_generations: int = Field(8, ge=2, description="completions sampled per prompt (the group whose rewards are compared)")
+    max_completion_length: int = Field(64, ge=1, description="tokens generated per completion at most")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = Field(
+        "dapo", description="how token losses are aggregated (TRL's loss types): dapo normalises by the generation "
+        "batch's completion tokens, grpo by each completion's length, dr_grpo by a constant")
+    importance_sampling: Literal["token", "sequence"] = Field(
+        "token", description="sequence: GSPO's sequence-level importance ratio (with num_iterations > 1 or grad_accum)")
+    beta: float = Field(0.0, ge=0, description="KL penalty to the reference; 0: no reference model at all. With LoRA "
+                        "the reference is the same weights with the adapter disabled (no copy)")
+    epsilon: float = Field(0.2, gt=0, description="clip range of the importance ratio (lower side)")
+    epsilon_high: float | None = Field(None, gt=0, description="upper clip (DAPO's clip-higher; null: epsilon)")
+    num_iterations: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantages divided by the reward "
+                                                             "std of the group, of the batch, or not at all (Dr. GRPO)")
+    mask_truncated_completions: bool = Field(False, description="leave completions cut at max_completion_length out of the loss")
+    init_from: Path | None = Field(None, description="a previous run directory: start from its adapter or weights "
+                                   "(SFT then GRPO)")
+    warm_start_epochs: float | None = Field(None, gt=0, description="without init_from: first this many epochs of SFT "
+                                            "on the same training split, in a run directory of its own "
+                                            "(<name>-warm-start), then GRPO from it")
+    warm_start_lr: float | None = Field(None, gt=0, description="the warm start's learning rate (null: train.lr)")
+    generation: Literal["transformers", "vllm"] = Field(
+        "transformers", description="who samples the completions: the model's own generate (CPU or GPU), or vLLM in the "
+        "training process (TRL's colocate mode; CUDA and the vllm package needed)")
+    share_vision: bool = Field(True, description="encode each image once per forward for all its prompt's "
+                               "completions (and, with the tower frozen, reuse the generation's features in the loss)")
+
+
 class ZoConfig(_Section):
     """Forward-only training (method: zo): no backward pass, perturbations regenerated from seeds, so memory stays
     at inference level. Defaults follow SharpZO (NeurIPS 2025) and MeZO (Malladi et al. 2023)."""
@@ -237,9 +290,10 @@ class OutputConfig(_Section):
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig = DataConfig()
-    method: Literal["full", "lora", "qlora", "dpo", "zo"] = "lora"
+    method: Literal["full", "lora", "qlora", "dpo", "grpo", "zo"] = "lora"
     lora: LoraConfig = LoraConfig()
     dpo: DpoConfig = DpoConfig()
+    grpo: GrpoConfig = GrpoConfig()
     zo: ZoConfig = ZoConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -254,22 +308,33 @@ class RunConfig(_Section):
     @property
     def full_weights(self) -> bool:
         """Every weight trains (method full, or DPO with dpo.tuning: full): no adapter, no quantized base."""
-        return self.method == "full" or (self.method == "dpo" and self.dpo.tuning == "full")
+        return (self.method == "full" or (self.method == "dpo" and self.dpo.tuning == "full")
+                or (self.method == "grpo" and self.grpo.tuning == "full"))
 
     @model_validator(mode="after")
     def _full_training_is_not_quantized(self):
         if self.full_weights and self.model.quantization != "none":
-            key = "dpo.tuning" if self.method == "dpo" else "method"
+            key = f"{self.method}.tuning" if self.method in ("dpo", "grpo") else "method"
             raise ValueError(f"a {self.model.quantization} quantized model cannot be trained in full ({key}): "
-                             f"{'dpo.tuning: lora' if self.method == 'dpo' else 'method: qlora'} trains adapters on the "
+                             f"{f'{self.method}.tuning: lora' if self.method in ('dpo', 'grpo') else 'method: qlora'} trains adapters on the "
                              "quantized base (QLoRA), or set model.quantization: none")
         return self
 
     @model_validator(mode="after")
     def _dpo_compares_replies(self):
-        if self.method == "dpo" and self.train.loss_on != "assistant":
-            raise ValueError("DPO compares the final replies of each pair; train.loss_on: all does not apply: remove "
-                             "train.loss_on (or set it to assistant) for method dpo")
+        if self.method in ("dpo", "grpo") and self.train.loss_on != "assistant":
+            what = "compares the final replies of each pair" if self.method == "dpo" else "trains on sampled completions"
+            raise ValueError(f"{self.method.upper()} {what}; train.loss_on: all does not apply: remove "
+                             f"train.loss_on (or set it to assistant) for method {self.method}")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_groups_fill_batches(self):
+        g = self.grpo.num_generations
+        if self.method == "grpo" and (self.train.batch_size * self.train.grad_accum) % g:
+            raise ValueError(f"train.batch_size x train.grad_accum ({self.train.batch_size} x {self.train.grad_accum}) "
+                             f"counts completions per optimizer step and must be a multiple of grpo.num_generations ({g}): "
+                             f"each prompt's {g} completions are compared as one group")
         return self
 
     @model_validator(mode="after")
@@ -288,14 +353,14 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _packing_is_sft(self):
-        if self.train.packing and self.method in ("dpo", "zo"):
+        if self.train.packing and self.method in ("dpo", "grpo", "zo"):
             raise ValueError(f"train.packing packs supervised fine-tuning batches (methods full, lora, qlora), not "
                              f"method {self.method}: set train.packing: false")
         return self
 
     @model_validator(mode="after")
     def _every_steps_is_sft(self):
-        if self.eval.every_steps and self.method in ("dpo", "zo"):
+        if self.eval.every_steps and self.method in ("dpo", "grpo", "zo"):
             raise ValueError(f"eval.every_steps evaluates supervised fine-tuning runs (methods full, lora, qlora); "
                              f"method {self.method} evaluates before and after (zo: zo.eval_every): remove eval.every_steps")
         return self

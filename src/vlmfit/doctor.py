@@ -155,7 +155,7 @@ def _prepared(cfg: RunConfig) -> str:
 
 def _encoded(processor, family: Family, sample: list[dict], cfg: RunConfig) -> str:
     """Whether the run's encoded-example cache holds the sampled examples under this processor and these settings."""
-    if cfg.method in ("dpo", "zo"):
+    if cfg.method in ("dpo", "grpo", "zo"):
         return f"not cached: method {cfg.method} encodes as it goes"
     if not cfg.train.processor_cache:
         return "not cached (train.processor_cache: false)"
@@ -171,9 +171,10 @@ def _encoded(processor, family: Family, sample: list[dict], cfg: RunConfig) -> s
 
 
 def _check_targets(rep: Report, model, family: Family, cfg: RunConfig) -> None:
-    uses_lora = cfg.method in ("lora", "qlora", "zo") or (cfg.method == "dpo" and cfg.dpo.tuning == "lora")
+    tuned = {"dpo": cfg.dpo.tuning, "grpo": cfg.grpo.tuning}.get(cfg.method)
+    uses_lora = cfg.method in ("lora", "qlora", "zo") or tuned == "lora"
     if not uses_lora:
-        rep.add("trainable", "ok", f"method {cfg.method}" + (" (dpo.tuning full)" if cfg.method == "dpo" else "")
+        rep.add("trainable", "ok", f"method {cfg.method}" + (f" ({cfg.method}.tuning full)" if tuned else "")
                 + ": every parameter trains")
         return
     try:

@@ -65,6 +65,8 @@ def report_facts(run: RunDir, test_ds=None, examples: int = 12) -> ReportFacts:
     methods = []
     if s.zo is not None:
         methods.append(_zo_section(s.zo, cfg.zo.eval_every))
+    if s.grpo is not None:
+        methods.append(_grpo_section(s.grpo, run.metrics()))
     if s.dpo is not None:  # DPO's evaluations hold preference metrics and, with labelled pairs, the task's
         methods.append(_preference_section(s.dpo, before, after))
         before, after = before and before["task"], after and after["task"]
@@ -139,6 +141,28 @@ def _zo_section(zo: dict, eval_every: int) -> Section:
     notes = [f"{len(shown)} of {len(history)} records shown; all of them in {METRICS}."] if len(shown) < len(history) else []
     return Section("Forward-only training", lines, ("forward passes", "stage", "training loss", "held-out accuracy",
                                                     "train s"), rows, notes)
+
+
+def _grpo_section(g: dict, records: list[dict]) -> Section:
+    """Reward optimisation: what was rewarded and against which reference, how images were encoded, and the rewards,
+    completion length, clip ratio and KL along training (TRL's logged means, a spread of the logged steps)."""
+    rewards = ", ".join(f"{r['name']} ({r['fn']}) x {r['weight']:g}" for r in g["rewards"])
+    lines = [(f"{g['num_generations']} completions per prompt, loss {g['loss_type']}, importance sampling "
+              f"{g['importance_sampling']}, beta {g['beta']:g}; rewards: {rewards}",),
+             (f"reference: {g['reference']}",), (f"vision: {g['vision']}",)]
+    if g.get("vision_images"):
+        v = g["vision_images"]
+        lines.append((f"images the forwards asked for: {v['asked']:,}; encoded by the vision tower: {v['encoded']:,}",))
+    names = [r["name"] for r in g["rewards"]]
+    logged = [r for r in records if "reward" in r and "step" in r]
+    shown = _spread(logged, ZO_ROWS)
+    cols = [f"rewards/{n}/mean" for n in names]
+    rows = [(str(r["step"]), *(f"{r.get(c, float('nan')):.3f}" for c in cols), f"{r['reward']:.3f}",
+             f"{r.get('frac_reward_zero_std', float('nan')):.2f}", f"{r.get('completions/mean_length', float('nan')):.1f}",
+             f"{r.get('clip_ratio/region_mean', 0.0):.3f}", f"{r['kl']:.4f}" if "kl" in r else "-") for r in shown]
+    notes = [f"{len(shown)} of {len(logged)} logged steps shown; all of them in {METRICS}."] if len(shown) < len(logged) else []
+    return Section("Reward optimisation (GRPO)", lines, ("step", *names, "total", "groups without spread",
+                                                         "completion tokens", "clipped", "KL"), rows, notes)
 
 
 def _spread(items: list, k: int) -> list:
@@ -348,7 +372,8 @@ def plot_loss(run: RunDir) -> Path:
     records = run.metrics()
     rows = [r for r in records if "loss" in r and "step" in r]
     evals = [r for r in records if "eval" in r]  # eval.every_steps: the validation metric at those steps
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 3.5), squeeze=False)
+    rewarded = [r for r in records if "reward" in r and "step" in r]  # GRPO: the rewards per function
+    fig, axes = plt.subplots(1, 2 if evals or rewarded else 1, figsize=(11 if evals or rewarded else 6, 3.5), squeeze=False)
     ax = axes[0][0]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], marker="o", ms=2)
     ax.set_xlabel("optimizer step")
@@ -361,6 +386,16 @@ def plot_loss(run: RunDir) -> Path:
         right.plot([r["step"] for r in evals], [r["eval"][name] for r in evals], marker="o", ms=3, color="tab:green")
         right.set_xlabel("optimizer step")
         right.set_ylabel(f"validation {name}")
+        right.grid(alpha=0.3)
+    elif rewarded:
+        right = axes[0][1]
+        for key in sorted({k for r in rewarded for k in r if k.startswith("rewards/") and k.endswith("/mean")}):
+            right.plot([r["step"] for r in rewarded], [r.get(key) for r in rewarded], marker="o", ms=2,
+                       label=key.removeprefix("rewards/").removesuffix("/mean"))
+        right.plot([r["step"] for r in rewarded], [r["reward"] for r in rewarded], color="black", lw=1, label="total")
+        right.set_xlabel("optimizer step")
+        right.set_ylabel("mean reward per completion")
+        right.legend(fontsize=8)
         right.grid(alpha=0.3)
     fig.tight_layout()
     out = run.path / LOSS_PLOT

@@ -91,6 +91,7 @@ class RunSummary:
     label_method: str  # how the loss positions were found, in words
     lengths: dict | None = None
     dpo: dict | None = None
+    grpo: dict | None = None
     zo: dict | None = None
     peak_memory_bytes: int | None = None
     resumed_from: list[int] | None = None  # the checkpoint steps this run was resumed from, in order

@@ -555,6 +555,11 @@ def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] |
     if method == "dpo":
         method = cfg.dpo.tuning
         dpo_ref = method == "full"
+    elif method == "grpo":  # completions are the batch; a full-tuning policy with a KL term keeps a reference copy
+        method = cfg.grpo.tuning
+        dpo_ref = method == "full" and cfg.grpo.beta > 0
+        answer_tokens = cfg.grpo.max_completion_length
+        text_tokens = max(text_tokens, answer_tokens + 64)
     dtype = m.dtype if m.dtype != "auto" else ("bfloat16" if cuda else "float32")
     precision = t.precision if t.precision != "auto" else ("bf16" if cuda else "fp32")
     images, frames = 1, 0

@@ -152,6 +152,9 @@ class Family:
     # (models/placement.py, model.unused_towers / model.per_layer_embeddings); the planner leaves them off the device.
     unused_towers: tuple[str, ...] = ()
     host_tables: tuple[str, ...] = ()
+    # Prefixes of the added tokens the processor writes around an image's tiles (Idefics3 / SmolVLM's
+    # `<row_1_col_1>`, `<global-img>`): multimodal markers RL generation must never sample (models/rollout.py).
+    tile_markers: tuple[str, ...] = ()
 
 
 _QWEN = dict(
@@ -201,6 +204,7 @@ FAMILIES: dict[str, Family] = {
             image_features=_idefics3_features,
             packing="positions",
             images_per_row=True,
+            tile_markers=("<row_", "<global-img>", "<fake_token_around_image>"),
         ),
         Family(
             "gemma3",

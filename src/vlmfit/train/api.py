@@ -29,7 +29,7 @@ def train(recipe: str | Path | RunConfig | None = None, overrides: list[str] | N
     _, model_type = check_model(m.name, m.revision, chat=cfg.method != "zo", trust_remote_code=m.trust_remote_code)  # before data
     if not is_dual_encoder(model_type):  # the planner models generative VLMs (a CLIP prompt run needs inference memory)
         preflight(cfg, console, force, world=world_size())  # on a GPU (launched: per GPU under the strategy): refuse a run predicted not to fit, with the breakdown and the fix
-    if profile and cfg.method in ("zo", "dpo"):
+    if profile and cfg.method in ("zo", "dpo", "grpo"):
         raise UserError(f"--profile times supervised training steps; method {cfg.method} is not profiled yet",
                         where="--profile", hint="profile the SFT recipe of the same model and data (method lora / full)")
     if cfg.method == "zo":
@@ -40,6 +40,10 @@ def train(recipe: str | Path | RunConfig | None = None, overrides: list[str] | N
         from vlmfit.train.dpo import train_dpo
 
         return train_dpo(cfg, console, resume=run_dir, overwrite=overwrite)
+    if cfg.method == "grpo":
+        from vlmfit.train.grpo import train_grpo
+
+        return train_grpo(cfg, console, resume=run_dir, overwrite=overwrite)
     from vlmfit.train.sft import train_sft
 
     return train_sft(cfg, console, profile=profile, resume=run_dir, overwrite=overwrite)

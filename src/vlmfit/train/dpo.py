@@ -23,13 +23,13 @@ from vlmfit.errors import UserError
 from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.evaluate.preference import evaluate_preference
 from vlmfit.launch.ranks import barrier, is_main, main_first
-from vlmfit.models.load import Loaded, load_for
+from vlmfit.models.load import Loaded
 from vlmfit.models.offload import offload_activations
-from vlmfit.models.targets import (count_lora_params, drop_input_grad_hooks, enable_checkpointing, peft_config, prepare_kbit,
-                                   resolve_for)
+from vlmfit.models.targets import count_lora_params, drop_input_grad_hooks, enable_checkpointing, peft_config, resolve_for
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.callbacks import DivergenceGuard
 from vlmfit.train.run import begin, final_loss, param_counts, report_targets, save_trained
+from vlmfit.train.start import load_start, start_run
 from vlmfit.train.tracking import track_locally
 from vlmfit.train.trainer import (launch_arguments, note_uneven_epoch, quiet_printing, run_training, trainer_arguments,
                                   trainer_callbacks, vlmfit_trainer, with_row_ids)
@@ -43,9 +43,9 @@ def train_dpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | N
     with main_first():  # launched: rank 0 builds the caches and the run directory, then the other ranks read them
         life.check()  # a wrong model name, a missing tracker or a bad resume fails before any data is prepared
         if cfg.dpo.init_from:
-            start_run(cfg)  # an init_from that is not a run directory fails before any data is prepared
+            start_run(cfg.dpo.init_from, "dpo.init_from")  # not a run directory: fails before any data is prepared
         data = load_pairs(cfg)
-        loaded, start = load_start(cfg, console)
+        loaded, start = load_start(cfg, console, cfg.dpo.init_from, cfg.dpo.tuning, "dpo.init_from")
         chat = VisionChatCollator(loaded.processor, loaded.family, max_length=cfg.train.max_length)
         collator = PreferenceCollator(chat)
         console.print(f"family [bold]{loaded.family.name}[/]; {len(data.train)} training pairs ({data.kinds}); replies "
@@ -127,44 +127,6 @@ def load_pairs(cfg: RunConfig) -> Pairs:
     described = {"mixed": "half wrong labels, half evasive", "wrong_label": "wrong labels", "evasive": "evasive"}[kind]
     return Pairs(pairs_from_labelled(train, labels or [], kind, seed), test_pairs, test, labels,
                  f"chosen = the label, rejected = {described}", groups)
-
-
-def start_run(cfg: RunConfig) -> RunDir:
-    return RunDir.open(cfg.dpo.init_from, where=f"dpo.init_from ({cfg.dpo.init_from})")
-
-
-def load_start(cfg: RunConfig, console: Console) -> tuple[Loaded, str]:
-    """The model DPO starts from: model.name ("base"), or an earlier run's weights (SFT then DPO): its LoRA adapter,
-    trained further ("adapter"), or its full weights ("model")."""
-    if cfg.dpo.init_from is None:
-        return load_base(cfg.model.name, cfg), "base"
-    start = start_run(cfg)
-    where = f"dpo.init_from ({start.path})"
-    prev = start.config()
-    if prev.model.name != cfg.model.name:
-        raise UserError(f"that run was trained from '{prev.model.name}', but this recipe's model.name is '{cfg.model.name}'",
-                        where=where, hint=f"set model.name: {prev.model.name}")
-    kind = start.trained_kind()
-    if kind not in ("model", "adapter"):
-        raise UserError("the run directory has no saved weights (model/ or adapter/)", where=where,
-                        hint="was it trained with output.save_model: false? train it again with weights saved")
-    if kind == "model":
-        console.print(f"starting from the full weights of {start.path}")
-        return load_base(str(start.weights_path("model")), cfg), "model"
-    from peft import PeftModel
-
-    loaded = load_base(cfg.model.name, cfg)  # this recipe's model section: resolution caps, quantization
-    loaded.model = PeftModel.from_pretrained(loaded.model, str(start.weights_path("adapter")), is_trainable=True)
-    if cfg.dpo.tuning == "lora":
-        console.print(f"continuing the adapter of {start.path} (its own LoRA settings: the lora section is not used)")
-    return loaded, "adapter"
-
-
-def load_base(name: str, cfg: RunConfig) -> Loaded:
-    """The weights to start from, with the model section's resolution caps and quantization (QLoRA: 4bit + lora)."""
-    loaded = load_for(cfg, name)
-    loaded.model = prepare_kbit(loaded.model)  # a quantized base: norms upcast and input grads on, as for SFT
-    return loaded
 
 
 def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg: RunConfig, run: RunDir, console: Console,
