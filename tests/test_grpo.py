@@ -385,3 +385,28 @@ def test_grpo_sigterm_then_resume_ends_with_the_uninterrupted_weights(vlmfit, di
     assert max_diff(weights(tmp_path / "runs" / "whole", "full"), weights(tmp_path / "runs" / "cut", "full")) <= 1e-6
     rewards = [[r["reward"] for r in RunDir(tmp_path / "runs" / n).metrics() if "reward" in r] for n in ("whole", "cut")]
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6) and len(rewards[0]) == 6
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_planner_counts_the_kv_cache_generation_really_holds(family):
+    """The planner's rollout phase against the cache transformers builds: K and V of every generated sequence at its
+    full length, for the tiny model's own layers (Gemma 3: sliding and global layers alike)."""
+    from vlmfit.memory.estimate import PlanInputs, _bytes, rollout_memory
+    from vlmfit.memory.shape import model_shape
+
+    loaded = load(f"tiny:{family}")
+    model = loaded.model.eval()
+    coll = VisionChatCollator(loaded.processor, loaded.family)
+    ex = chat_example("What digit is this?", "seven", [digit_image(0)])
+    inputs = coll.encode([coll.render(ex["messages"][:-1], add_generation_prompt=True)] * 3, [ex["images"]] * 3,
+                         padding_side="left")
+    with torch.no_grad():
+        out = model.generate(**inputs, do_sample=False, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True,
+                             pad_token_id=loaded.processor.tokenizer.pad_token_id)
+    cache = out.past_key_values
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    seq = out.sequences.shape[1] - 1  # the last token is sampled from the cache, not stored in it
+    inp = PlanInputs(rollouts=3, precision="fp32", weight_dtype="float32", device="cpu")
+    shape = model_shape(model.config)
+    planned = rollout_memory(shape, inp, _bytes(inp), seq) - 3 * shape.vocab * 8
+    assert planned == pytest.approx(held, rel=0.10), (planned, held)

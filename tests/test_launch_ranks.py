@@ -188,3 +188,17 @@ def test_two_machines_meet_at_the_master_and_train_as_one_process(pair, tmp_path
     for x, y in zip(steps(one), steps(tmp_path / "runs" / "nodes")):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), (x, y)
     assert json.loads((tmp_path / "runs" / "nodes" / "launch.json").read_text())["world_size"] == 2
+
+
+def test_grpo_on_two_ranks_runs_and_rank_zero_writes_the_run(tmp_path, digits):
+    """GRPO launched on two ranks (DDP, gloo): each rank samples its share of the completions, rewards are gathered,
+    the run finishes with rank 0's run directory, weights and rewards logged."""
+    extra = "grpo: {tuning: lora, num_generations: 2, max_completion_length: 4}\n"
+    code, out = launch(recipe(tmp_path, digits, "grpo-two", extra), "--set", "method=grpo", "--set", "train.max_steps=3",
+                       "--set", "eval.modes=[generate]", "--nproc", "2")
+    assert code == 0, out[-3000:]
+    run = tmp_path / "runs" / "grpo-two"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "grpo" and summary["steps"] == 3 and (run / "adapter").is_dir()
+    rewarded = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert len(rewarded) == 3 and json.loads((run / "launch.json").read_text())["world_size"] == 2

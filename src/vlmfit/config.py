@@ -148,6 +148,9 @@ class GrpoConfig(_Section):
                                             "on the same training split, in a run directory of its own "
                                             "(<name>-warm-start), then GRPO from it")
     warm_start_lr: float | None = Field(None, gt=0, description="the warm start's learning rate (null: train.lr)")
+    warm_start_examples: int | None = Field(None, ge=1, description="the warm start trains on the first this many "
+                                            "training examples and GRPO on the others (prompts it has not seen "
+                                            "answered); null: both on the whole training split")
     generation: Literal["transformers", "vllm"] = Field(
         "transformers", description="who samples the completions: the model's own generate (CPU or GPU), or vLLM in the "
         "training process (TRL's colocate mode; CUDA and the vllm package needed)")

@@ -79,6 +79,7 @@ class PlanInputs:
     feature_cache_gib: float = 4.0
     per_layer_embeddings: str = "auto"  # model.per_layer_embeddings: device | cpu | auto (models/placement.py)
     unused_towers: str = "cpu"  # model.unused_towers: device | cpu
+    rollouts: int = 0  # GRPO: sequences generated together (the generation batch), each text_tokens long at its end
 
 
 @dataclass
@@ -131,7 +132,8 @@ class Breakdown:
         for name, value in self.components.items():
             t.add_row(name, f"{value / GiB:.2f}", COMPONENT_NOTES.get(name, ""))
         t.add_section()
-        t.add_row("[bold]peak[/]", f"[bold]{self.peak / GiB:.2f}[/]", "static + max(backward, optimizer step) + overhead")
+        phases = "backward, optimizer step" + (", generation" if "generation" in self.phases else "")
+        t.add_row("[bold]peak[/]", f"[bold]{self.peak / GiB:.2f}[/]", f"static + max({phases}) + overhead")
         if self.host:
             t.add_row("host memory", f"{sum(self.host.values()) / GiB:.2f}", "kept off the device: "
                       + ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.host.items()))
@@ -153,6 +155,8 @@ COMPONENT_NOTES = {
     "backward working set": "gradients in flight in one block (+ its recomputation with checkpointing)",
     "optimizer step temporaries": "AdamW's sqrt of the second moment (foreach on CUDA; per tensor on CPU)",
     "overhead": "CUDA context and library workspaces (not counted by max_memory_allocated)",
+    "generation (KV cache + step logits)": "GRPO's rollouts, before the step: K and V of every completion generated "
+    "together (batch x grad_accum) at full length, and one step's fp32 logits",
     "forward working set": "forward-only: the largest block's intermediate tensors (nothing is kept for backward)",
     "logits": "forward-only: the logits of the batch and their fp32 upcast for the loss",
 }
@@ -462,7 +466,8 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
     dequant = dequantization(shape, by)
     backward = lang + vis + max(logits, lang_work, vis_work) + (grads if inp.grad_accum > 1 else early) + dequant
     step = grads + optimizer_step(shape, inp, t, by)
-    peak = static + max(backward, step)
+    rollout = rollout_memory(shape, inp, by, seq)
+    peak = static + max(backward, step, rollout)
     overhead = CUDA_OVERHEAD if by.cuda else 0
     components = {
         "weights": weights, "adapters": t.adapters, "gradients": grads, "optimizer": optim,
@@ -470,16 +475,34 @@ def estimate(shape: ModelShape, inp: PlanInputs, name: str = "") -> Breakdown:
         "backward working set": max(lang_work, vis_work) + dequant, "optimizer step temporaries": step - grads,
         "overhead": overhead,
     }  # fmt: skip
+    if inp.rollouts:
+        components["generation (KV cache + step logits)"] = rollout
+        if rollout > max(backward, step):
+            notes.append(f"the rollout phase sets the peak: {inp.rollouts} sequences generated together hold "
+                         f"{rollout / GiB:.2f} GiB of KV cache and step logits (fewer completions per step lower it)")
     notes += _advice(shape, inp, tw.modes, lang, peak, img_tokens)
     notes += [f"{k} kept in host memory: {v / GiB:.2f} GiB off the device ("
               + ("model.per_layer_embeddings" if k in shape.family.host_tables else "model.unused_towers") + ")"
               for k, v in host.items() if not k.startswith("activations")]
+    phases = {"static": static, "backward": backward, "step": step}
+    if inp.rollouts:
+        phases["generation"] = rollout
     return Breakdown(
         model=name, inputs=inp, params=dict(shape.params), trainable_params=int(t.params), weights_by_part=by_part,
         tokens={"seq_len": seq, "image_tokens": img_tokens, "vision_positions": positions, "batch": b},
-        components=components, phases={"static": static, "backward": backward, "step": step},
+        components=components, phases=phases,
         peak=peak + overhead, notes=notes, host=host,
     )  # fmt: skip
+
+
+def rollout_memory(shape: ModelShape, inp: PlanInputs, by: _Bytes, seq: int) -> float:
+    """GRPO's generation phase (no gradients; outside the training step): the KV cache of every sequence generated
+    together at its full length (prompt + completion; K and V per text layer, in the compute dtype) and one decoding
+    step's logits over the vocabulary in fp32 (transformers' sampling upcasts them)."""
+    if not inp.rollouts:
+        return 0.0
+    kv = sum(layer.kv_dim + layer.v_dim for layer in shape.text_layers) * by.compute
+    return inp.rollouts * (seq * kv + shape.vocab * 4 * 2)
 
 
 def _forward_only(shape: ModelShape, inp: PlanInputs, name: str, by_part: dict[str, float]) -> Breakdown:
@@ -577,9 +600,10 @@ def inputs_from_config(cfg, *, device: str = "cuda", image_hw: tuple[int, int] |
         lora_r=lo.r, lora_targets=lo.targets if isinstance(lo.targets, str) else tuple(lo.targets),
         lora_scope=tuple(lo.scope), lora_train_fully=tuple(lo.train_fully), lora_dropout=lo.dropout,
         dpo_reference=dpo_ref, packing=t.packing, pack_tokens=t.pack_tokens,
-        reuse_features=t.cache_image_features and cfg.method != "dpo", feature_cache_gib=t.feature_cache_gib,
+        reuse_features=t.cache_image_features and cfg.method not in ("dpo", "grpo"), feature_cache_gib=t.feature_cache_gib,
         per_layer_embeddings=m.per_layer_embeddings, unused_towers=m.unused_towers,
         activation_offload=tuple(t.activation_offload),
+        rollouts=t.batch_size * t.grad_accum if cfg.method == "grpo" else 0,
     )  # fmt: skip
 
 

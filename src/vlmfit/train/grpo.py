@@ -54,7 +54,7 @@ def train_grpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | 
             raise UserError(f"method grpo renders prompts with the processor's chat template, and {loaded.family.name} "
                             "takes a prefix and a suffix instead (no chat template)", where="model.name",
                             hint="train this family with method lora / full / dpo, or use a chat VLM for grpo")
-        prompts = prompt_rows(with_row_ids(splits.train))
+        prompts = prompt_rows(rl_split(with_row_ids(splits.train), cfg))
         prompts, length_report = prompt_length_policy(prompts, loaded, cfg, console)
         console.print(f"family [bold]{loaded.family.name}[/]; {len(prompts)} training prompts x {cfg.grpo.num_generations} "
                       f"completions; rewards: {', '.join(f'{r.__name__} x {w:g}' for r, w in zip(rewards, weights))}")
@@ -115,7 +115,8 @@ def warm_start(cfg: RunConfig, console: Console) -> RunConfig:
     name = cfg.output.name or _RunDir.default_name(cfg)
     sft = load_config(overrides=None, base={
         **cfg.model_dump(mode="json"), "method": "full" if g.tuning == "full" else "lora",
-        "grpo": {}, "train": {**cfg.train.model_dump(mode="json"), "epochs": g.warm_start_epochs,
+        "grpo": {}, "data": {**cfg.data.model_dump(mode="json"), "train_limit": _warm_limit(cfg)},
+        "train": {**cfg.train.model_dump(mode="json"), "epochs": g.warm_start_epochs,
                               "lr": g.warm_start_lr or cfg.train.lr, "max_steps": None},
         "eval": {**cfg.eval.model_dump(mode="json"), "before": False},
         "output": {**cfg.output.model_dump(mode="json"), "name": f"{name}-warm-start"}})
@@ -123,6 +124,23 @@ def warm_start(cfg: RunConfig, console: Console) -> RunConfig:
     path = train_sft(sft, console)
     return cfg.model_copy(update={"grpo": g.model_copy(update={"init_from": path}),
                                   "output": cfg.output.model_copy(update={"name": name})})
+
+
+def _warm_limit(cfg: RunConfig) -> int | None:
+    n, limit = cfg.grpo.warm_start_examples, cfg.data.train_limit
+    return n if limit is None or n is None else min(n, limit)
+
+
+def rl_split(train, cfg: RunConfig):
+    """The examples GRPO samples from: with grpo.warm_start_examples, those after the warm start's (the test split
+    is never among them: load_splits keeps it apart for the evaluation)."""
+    n = cfg.grpo.warm_start_examples
+    if n is None:
+        return train
+    if n >= len(train):
+        raise UserError(f"grpo.warm_start_examples ({n}) leaves none of the {len(train)} training examples for GRPO",
+                        where="grpo.warm_start_examples", hint=f"use fewer than {len(train)}")
+    return train.select(range(n, len(train)))
 
 
 def prompt_rows(train) -> datasets.Dataset:
