@@ -25,6 +25,7 @@ from vlmfit.train.trainer import with_row_ids
 from helpers import digit_image
 
 QUIET = Console(quiet=True)
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def _trainable(family):
@@ -356,6 +357,12 @@ def test_grpo_recipe_end_to_end_with_report(vlmfit, digits, tmp_path):
     report = (run / "report.md").read_text()
     assert "Reward optimisation (GRPO)" in report and "cols (tests/grpo_rewards.py:uses_columns) x 0.5" in report
     assert "encoded by the vision tower" in report
+    samples = RunDir(run).samples()
+    assert len(samples) == 4 and {"exact_match", "cols"} == set(samples[0]["rewards"])  # the step's 4 completions
+    assert all((run / x["image"]).is_file() for x in samples) and samples[0]["answer"] in WORDS
+    assert "Sampled completions of the last rollout batch (step 5)" in report  # step 6's rewards, before its update
+    html = (run / "report.html").read_text()
+    assert html.count("<img alt='train row") == 4 and "Reward optimisation (GRPO)" in html
 
 
 def test_a_reward_error_is_one_message_and_exit_2(vlmfit, digits, tmp_path):
@@ -410,3 +417,42 @@ def test_planner_counts_the_kv_cache_generation_really_holds(family):
     shape = model_shape(model.config)
     planned = rollout_memory(shape, inp, _bytes(inp), seq) - 3 * shape.vocab * 8
     assert planned == pytest.approx(held, rel=0.10), (planned, held)
+
+
+def test_grpo_qlora_trains_adapters_on_a_4bit_base_and_exports(vlmfit, digits, tmp_path):
+    p = _recipe(tmp_path, digits, "q4", ", tuning: lora", ", max_steps: 2")
+    p.write_text(p.read_text().replace("model: {name: tiny:qwen2_vl}", "model: {name: tiny:qwen2_vl, quantization: 4bit}"))
+    code, out, err = vlmfit("train", p)
+    assert code == 0, err[-3000:]
+    run = tmp_path / "runs" / "q4"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and not (run / "model").exists()
+    code, out, err = vlmfit("export", run, "--out", tmp_path / "merged", "--merge", "--dtype", "fp32")
+    assert code == 0, err[-2000:]
+    code, out, err = vlmfit("predict", tmp_path / "merged", "--data", digits, "--limit", "2")
+    assert code == 0 and "row 0" in out, (out + err)[-2000:]
+
+
+def test_a_nan_in_training_is_caught_with_its_step(digits, tmp_path, monkeypatch):
+    """The divergence guard covers GRPO too: a NaN in the loss forward (generation runs without gradients and
+    stays finite) stops the run at that step with a resumable message, not a trained model full of NaN."""
+    import vlmfit.train.grpo as grpo
+    from vlmfit.train.run import Stopped
+
+    original = grpo.load_start
+
+    def poisoned(*args, **kwargs):
+        loaded, start = original(*args, **kwargs)
+
+        def nan_when_training(module, args, out):
+            return out * float("nan") if torch.is_grad_enabled() and module.training else out
+
+        # the final norm (TRL computes log-probs through its own fused head, not the head module's forward)
+        loaded.model.model.language_model.norm.register_forward_hook(nan_when_training)
+        return loaded, start
+
+    monkeypatch.setattr(grpo, "load_start", poisoned)
+    cfg = load_config(_recipe(tmp_path, digits, "nan", "", ", max_steps: 3"))
+    cfg = load_config(base=cfg.model_dump(mode="json"), overrides=["eval.before=false", "eval.after=false"])
+    with pytest.raises(Stopped) as e:
+        grpo.train_grpo(cfg, QUIET)
+    assert "diverged at step 1" in e.value.what

@@ -55,6 +55,7 @@ class ReportFacts:
     confusion: dict | None  # after training, constrained predictions
     per_class: tuple[str, dict, dict] | None  # (mode, before, after): accuracy per class
     flipped: dict[str, list[dict]]  # "wrong to right" / "right to wrong": test rows (with picture and question)
+    samples: list[dict] = field(default_factory=list)  # GRPO: the last rollout batch's completions and rewards
 
 
 def report_facts(run: RunDir, test_ds=None, examples: int = 12) -> ReportFacts:
@@ -79,7 +80,7 @@ def report_facts(run: RunDir, test_ds=None, examples: int = 12) -> ReportFacts:
         footer=("Weights: ", Code(s.weights), ". Config: ", Code(CONFIG), ". Environment: ", Code(ENVIRONMENT), "."),
         loss_plot=run.path / LOSS_PLOT if (run.path / LOSS_PLOT).is_file() else None,
         confusion=((after or {}).get("constrained") or {}).get("confusion"), per_class=_per_class(before, after),
-        flipped=_with_rows(flips(before, after), test_ds, examples),
+        flipped=_with_rows(flips(before, after), test_ds, examples), samples=run.samples(),
     )  # fmt: skip
 
 
@@ -331,6 +332,12 @@ def write_report(run: RunDir) -> Path:
     lines += _task_md(f.task_metrics, f.metric_notes)
     lines += ["", f"![loss]({LOSS_PLOT})", "", _md(f.footer), ""]
     lines += [_md_section(section) for section in f.methods]
+    if f.samples:
+        names = list(f.samples[0]["rewards"])
+        lines += ["", f"Sampled completions of the last rollout batch (step {f.samples[0].get('step')}):", "",
+                  "| train row | answer | completion | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+        lines += [f"| {s['row']} | {s['answer']} | {' '.join(s['completion'].replace('|', '/').split()) or '(empty)'} | "
+                  + " | ".join(f"{s['rewards'][n]:g}" for n in names) + " |" for s in f.samples]
     out = run.path / REPORT
     out.write_text("\n".join(lines))
     return out
@@ -468,6 +475,8 @@ def write_html(run: RunDir, test_ds=None, limit: int = 12) -> Path:
             ("class", "before", "after"), [(c, _rate(pb.get(c)), _rate(pa.get(c))) for c in sorted(set(pb) | set(pa))]))
     if any(f.flipped.values()):
         parts += [_html_flips(kind, items, limit) for kind, items in f.flipped.items()]
+    if f.samples:
+        parts.append(_html_samples(run, f.samples))
     parts.append(f"<p>{_html(f.footer)}</p></body></html>\n")
     out = run.path / REPORT_HTML
     out.write_text("".join(parts))
@@ -517,6 +526,18 @@ def _html_flips(kind: str, items: list[dict], limit: int) -> str:
         question = f"<div class=note>{_esc(item['question'])}</div>" if "question" in item else ""
         parts.append(f"<div class=flip>{img}{question}<div>row {item['row']}: <b>{_esc(item['gold'])}</b></div>"
                      f"<div>before: {_esc(item['before'])}</div><div class={cls}>after: {_esc(item['after'])}</div></div>")
+    return "".join(parts) + "</div>"
+
+
+def _html_samples(run: RunDir, samples: list[dict]) -> str:
+    """GRPO's last rollout batch: each completion beside its prompt's image, the reference answer and its rewards."""
+    parts = [f"<h2>Sampled completions (step {samples[0].get('step')}, the last rollout batch)</h2><div class=flips>"]
+    for s in samples:
+        img = f"<img alt='train row {s['row']}' src='{_png(run.path / s['image'])}'>" if s.get("image") else ""
+        rewards = ", ".join(f"{n} {v:g}" for n, v in s["rewards"].items())
+        good = "good" if sum(s["rewards"].values()) > 0 else "bad"
+        parts.append(f"<div class=flip>{img}<div>row {s['row']}: <b>{_esc(s['answer'])}</b></div>"
+                     f"<div class={good}>{_esc(s['completion']) or '(empty)'}</div><div class=note>{_esc(rewards)}</div></div>")
     return "".join(parts) + "</div>"
 
 

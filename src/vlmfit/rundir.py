@@ -28,6 +28,7 @@ EVAL_AFTER = "eval_after.json"
 LORA_TARGETS = "lora_targets.json"
 LAUNCH = "launch.json"  # how a launched run was shared out (strategy, world size, the engine arguments)
 LOSS_PLOT = "loss.png"
+SAMPLES = "samples"  # GRPO: completions of the last rollout batch with their rewards (samples.json) and images
 REPORT = "report.md"
 REPORT_HTML = "report.html"  # the same, self-contained for a browser: curves, intervals, flipped examples
 CHECKPOINTS = "checkpoints"  # the Trainer's output_dir: checkpoint-<step>/ (resumable), the last train.save_total_limit
@@ -173,6 +174,27 @@ class RunDir:
         return load_config(self.path / CONFIG, overrides)
 
     # -- records ----------------------------------------------------------------------------------------------
+    def write_samples(self, samples: list[dict]) -> Path:
+        """GRPO's sampled completions (prompt row, answer, completion, reward per function) and each one's first
+        image as a small PNG beside them, for the report."""
+        folder = self.path / SAMPLES
+        folder.mkdir(exist_ok=True)
+        rows = []
+        for i, s in enumerate(samples):
+            s = dict(s)
+            image = s.pop("image", None)
+            if image is not None:
+                name = f"{i:03d}.png"
+                thumb = image.convert("RGB").copy()
+                thumb.thumbnail((96, 96))
+                thumb.save(folder / name)
+                s["image"] = f"{SAMPLES}/{name}"
+            rows.append(s)
+        return self.write_json(f"{SAMPLES}/samples.json", rows)
+
+    def samples(self) -> list[dict]:
+        return self.read_json(f"{SAMPLES}/samples.json") or []
+
     def write_json(self, name: str, obj) -> Path:
         p = self.path / name
         p.write_text(json.dumps(obj, indent=2) + "\n")

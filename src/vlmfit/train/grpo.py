@@ -27,7 +27,7 @@ from vlmfit.models.rollout import SharedVision, placeholder_ids
 from vlmfit.models.targets import count_lora_params, drop_input_grad_hooks, enable_checkpointing, peft_config, resolve_for
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.callbacks import DivergenceGuard
-from vlmfit.train.rewards import ANSWER, Reward, rewards_for
+from vlmfit.train.rewards import ANSWER, Reward, completion_text, rewards_for
 from vlmfit.train.run import begin, final_loss, param_counts, report_targets, save_trained
 from vlmfit.train.start import load_start, start_run
 from vlmfit.train.tracking import track_locally
@@ -82,6 +82,7 @@ def train_grpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | 
     if not is_main():
         return run.path
 
+    run.write_samples(trainer.samples)
     weights_saved = save_trained(model, loaded.processor, cfg, run)
     run.drop_empty_checkpoints()
     if cfg.eval.after:
@@ -300,15 +301,29 @@ def _towers_frozen(model, family) -> bool:
                    for n, p in model.named_parameters())
 
 
+SAMPLES_KEPT = 16  # completions of the last rollout batch the report shows (two prompts' groups at G = 8)
+
+
 def rollout_trainer(trainer_class):
     """GRPOTrainer with the kept image features dropped before each new batch of rollouts (new prompts, new images)."""
 
     class RolloutTrainer(trainer_class):
         shared_vision: SharedVision | None = None
+        samples: list[dict] = []  # the last rollout batch's first completions, with their rewards (for the report)
 
         def _generate_and_score_completions(self, inputs):
             if self.shared_vision is not None:
                 self.shared_vision.clear()
             return super()._generate_and_score_completions(inputs)
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            names = self.reward_func_names
+            self.samples = [
+                {"row": ex.get(ROW), "answer": ex.get(ANSWER), "completion": completion_text(c),
+                 "rewards": {n: float(per_func[i, j]) for j, n in enumerate(names)},
+                 "image": (ex.get("images") or [None])[0], "step": self.state.global_step}
+                for i, (ex, c) in enumerate(zip(inputs[:SAMPLES_KEPT], completions))]
+            return per_func
 
     return RolloutTrainer
