@@ -15,6 +15,7 @@ LAYERS = [
     {"__main__"},  # `python -m vlmfit`: the CLI, for launchers
     {"cli"},
     {"train"},
+    {"serve"},  # serves what export writes (an adapter run merged first)
     {"evaluate", "memory", "doctor", "launch", "export"},
     {"report"},
     {"rundir"},

@@ -217,6 +217,32 @@ def export(run_dir: Annotated[Path, typer.Argument(help="a run directory written
             console.print(line, highlight=False)
 
 
+@app.command()
+def serve(target: Annotated[str, typer.Argument(help="a run directory, an export / model directory, tiny:<family> or a hub id")],
+          host: Annotated[str, typer.Option(help="address to listen on (127.0.0.1: this machine only)")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+          backend: Annotated[str, typer.Option(help="transformers (transformers serve; CPU or GPU) | vllm (vllm serve; GPU)")] = "transformers",
+          dtype: Annotated[str, typer.Option(help="auto | bfloat16 | float16 | float32")] = "auto",
+          device: Annotated[str, typer.Option(help="transformers backend: auto | cpu | cuda:0 ...")] = "auto",
+          dry_run: Annotated[bool, typer.Option("--dry-run", help="print the server command and what to send, start nothing")] = False):
+    """Serve a model behind an OpenAI-compatible endpoint (transformers serve or vllm serve), with the run's settings."""
+    import os
+
+    from vlmfit.serve import plan_serve
+
+    served = plan_serve(target, host=host, port=port, backend=backend, dtype=dtype, device=device)
+    for note in served.notes:
+        console.print(note)
+    # unwrapped: a client copies them as they are
+    console.print(f"base URL: [bold]{served.url}[/]   model: [bold]{served.model}[/]", highlight=False, soft_wrap=True)
+    console.print("command: " + " ".join(served.command), highlight=False, markup=False, soft_wrap=True)
+    if dry_run:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(served.command[0], served.command)  # the server is the process from here: signals reach it directly
+
+
 @app.command("eval")
 def eval_(target: Annotated[str, typer.Argument(help="a run directory (its trained weights), a recipe (its base model) or a model directory (e.g. exported)")],
           set: SetOpt = None,

@@ -28,6 +28,7 @@ EVAL_AFTER = "eval_after.json"
 LORA_TARGETS = "lora_targets.json"
 LAUNCH = "launch.json"  # how a launched run was shared out (strategy, world size, the engine arguments)
 LOSS_PLOT = "loss.png"
+SERVED = "served"  # `vlmfit serve` of an adapter run: the adapter merged into its base, written once
 SAMPLES = "samples"  # GRPO: completions of the last rollout batch with their rewards (samples.json) and images
 REPORT = "report.md"
 REPORT_HTML = "report.html"  # the same, self-contained for a browser: curves, intervals, flipped examples
