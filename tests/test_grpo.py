@@ -456,3 +456,15 @@ def test_a_nan_in_training_is_caught_with_its_step(digits, tmp_path, monkeypatch
     with pytest.raises(Stopped) as e:
         grpo.train_grpo(cfg, QUIET)
     assert "diverged at step 1" in e.value.what
+
+
+def test_rewards_read_numbers_and_choices_as_people_write_them():
+    # dotted runs (versions, addresses, dates) are no number and never raise; thousands and exponents read right
+    assert R.numeric(["1.2.3", "192.168.0.1", "it is 1,234.5", "1e-3", "2024-01-05 is 7"],
+                     ["1", "1", "1234.5", "0.001", "7"]) == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert R.multiple_choice(["I think it is B", "A cat: the answer is C", "(b)", "the answer is: (d)", "A"],
+                             ["B", "C", "B", "D", "B"]) == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert R.format_reward(["<think>a</think><answer>b</answer> junk <answer>c</answer>"]) == [0.0]
+    assert R.exact_match(["seven"], ["<answer>seven</answer>"]) == [1.0]  # tagged references compare by their answer
+    clash = R.Reward("numeric", "numeric", {"tolerance": 1.0}, "w")  # an argument named like a column: the recipe's wins
+    assert clash(completions=["41"], answer=["42"], tolerance=[0.0], source_row=[0]) == [1.0]

@@ -332,6 +332,14 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _warm_start_examples_need_a_warm_start(self):
+        g = self.grpo
+        if self.method == "grpo" and g.warm_start_examples and not (g.warm_start_epochs or g.init_from):
+            raise ValueError("grpo.warm_start_examples keeps the first examples for the warm start, but there is none: "
+                             "set grpo.warm_start_epochs (or remove grpo.warm_start_examples)")
+        return self
+
+    @model_validator(mode="after")
     def _grpo_groups_fill_batches(self):
         g = self.grpo.num_generations
         if self.method == "grpo" and (self.train.batch_size * self.train.grad_accum) % g:

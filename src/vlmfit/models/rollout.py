@@ -120,6 +120,10 @@ class SharedVision:
         pixels = named.pop("pixel_values")
         side_name = next((k for k in _SIDE_INPUTS if named.get(k) is not None), None)
         side = named.pop(side_name) if side_name else None
+        if any(torch.is_tensor(v) for v in named.values()):  # a per-image input this does not know how to split
+            self.images_in += pixels.shape[0]  # entries of pixel_values: the unit this layout has
+            self.images_encoded += pixels.shape[0]
+            return self.original(pixel_values=pixels, **({side_name: side} if side_name else {}), **named)
         units = _units(pixels, side, side_name)
         self.images_in += len(units)
         slots, fresh = [], []  # per unit: ("fresh", i): encoded by this call, or ("kept", i): by an earlier one

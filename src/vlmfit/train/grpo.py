@@ -28,7 +28,7 @@ from vlmfit.models.targets import count_lora_params, drop_input_grad_hooks, enab
 from vlmfit.rundir import RunDir, RunSummary
 from vlmfit.train.callbacks import DivergenceGuard
 from vlmfit.train.rewards import ANSWER, Reward, completion_text, rewards_for
-from vlmfit.train.run import begin, final_loss, param_counts, report_targets, save_trained
+from vlmfit.train.run import begin, final_loss, param_counts, report_targets, save_trained, shared_run_name
 from vlmfit.train.start import load_start, start_run
 from vlmfit.train.tracking import track_locally
 from vlmfit.train.trainer import (launch_arguments, quiet_printing, run_training, trainer_arguments, trainer_callbacks,
@@ -39,7 +39,8 @@ def train_grpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | 
     """Run the recipe end to end and return the run directory (`resume`: continue that run from its last complete
     checkpoint, exactly)."""
     if cfg.grpo.warm_start_epochs and cfg.grpo.init_from is None and resume is None:
-        cfg = warm_start(cfg, console or Console())
+        rewards_for(cfg.grpo.rewards)  # what would fail after the warm start fails before it
+        cfg = warm_start(shared_run_name(cfg), console or Console(), overwrite)
     life = begin(cfg, console, resume)
     cfg, console = life.cfg, life.console
     with main_first():  # launched: rank 0 builds the caches and the run directory, then the other ranks read them
@@ -83,7 +84,8 @@ def train_grpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | 
         return run.path
 
     run.write_samples(trainer.samples)
-    weights_saved = save_trained(model, loaded.processor, cfg, run)
+    # the trained adapter only: TRL's frozen 'ref' copy (continuing an adapter with beta > 0) is not the result
+    weights_saved = save_trained(model, loaded.processor, cfg, run, adapters=["default"])
     run.drop_empty_checkpoints()
     if cfg.eval.after:
         run.write_eval("after", evaluate_task(model, chat, splits.test, splits.labels, cfg.eval, console, "after training",
@@ -105,7 +107,7 @@ def train_grpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | 
     ), splits.test)
 
 
-def warm_start(cfg: RunConfig, console: Console) -> RunConfig:
+def warm_start(cfg: RunConfig, console: Console, overwrite: bool = False) -> RunConfig:
     """grpo.warm_start_epochs: first an SFT run on the same training split (its answers as labels, the same tuning),
     in its own run directory (<name>-warm-start, evaluated after, so its figure is the SFT-alone baseline); the GRPO
     run then starts from it (grpo.init_from, recorded in this run's config.yaml, so a resume does not train it again)."""
@@ -114,6 +116,9 @@ def warm_start(cfg: RunConfig, console: Console) -> RunConfig:
 
     g = cfg.grpo
     name = cfg.output.name or _RunDir.default_name(cfg)
+    if (Path(cfg.output.dir) / name).exists() and not overwrite:  # the GRPO run's directory: refused before the SFT
+        raise UserError(f"run directory {Path(cfg.output.dir) / name} already exists", where="output.name",
+                        hint="choose another output.name, pass --overwrite, or continue it with `vlmfit train --resume`")
     sft = load_config(overrides=None, base={
         **cfg.model_dump(mode="json"), "method": "full" if g.tuning == "full" else "lora",
         "grpo": {}, "data": {**cfg.data.model_dump(mode="json"), "train_limit": _warm_limit(cfg)},
@@ -122,7 +127,7 @@ def warm_start(cfg: RunConfig, console: Console) -> RunConfig:
         "eval": {**cfg.eval.model_dump(mode="json"), "before": False},
         "output": {**cfg.output.model_dump(mode="json"), "name": f"{name}-warm-start"}})
     console.print(f"[bold]warm start[/]: {g.warm_start_epochs:g} epochs of SFT first (grpo.warm_start_epochs)")
-    path = train_sft(sft, console)
+    path = train_sft(sft, console, overwrite=overwrite)
     return cfg.model_copy(update={"grpo": g.model_copy(update={"init_from": path}),
                                   "output": cfg.output.model_copy(update={"name": name})})
 
@@ -217,15 +222,19 @@ def make_trainer(loaded: Loaded, prompts, rewards: list[Reward], weights: list[f
     g = cfg.grpo
     model, lora, resolved = loaded.model, None, None
     if g.tuning == "lora" and isinstance(model, PeftModel):
-        reference = ("none (grpo.beta 0)" if g.beta == 0 else
-                     "the base weights with the adapter disabled (not the starting adapter: set grpo.beta 0, or start "
-                     "from merged weights, for the starting policy as reference)")
+        # With beta > 0, TRL keeps a frozen copy of the given adapter as the reference ('ref'): the starting policy
+        reference = "none (grpo.beta 0)" if g.beta == 0 else "a frozen copy of the starting adapter (TRL's 'ref' adapter)"
     elif g.tuning == "lora":
         resolved = resolve_for(model, loaded.family, cfg.lora)
         lora = peft_config(cfg.lora, resolved)
         reference = "none (grpo.beta 0)" if g.beta == 0 else "the starting weights with the adapter disabled (no copy)"
     else:
         if isinstance(model, PeftModel):
+            if g.beta > 0:  # TRL would build the reference from config._name_or_path: the base, not the merged policy
+                raise UserError("grpo.tuning: full with grpo.beta > 0 from an adapter run (grpo.init_from): the KL "
+                                "reference would be the base model, not the starting policy", where="grpo.beta",
+                                hint="set grpo.beta: 0, or start from a run with full weights (or an export merged with "
+                                "`vlmfit export --merge`), or keep grpo.tuning: lora")
             model = model.merge_and_unload()
         model.requires_grad_(True)
         reference = "none (grpo.beta 0)" if g.beta == 0 else "a second copy of the starting model, loaded by TRL"

@@ -36,21 +36,27 @@ def answer_part(text: str) -> str:
 
 
 def exact_match(completions, answer, **_):
-    """1 when the completion (its <answer> part, if any) is the reference answer exactly (outer spaces aside)."""
-    return [float(answer_part(c) == str(a).strip()) for c, a in zip(completions, answer)]
+    """1 when the completion (its <answer> part, if any) is the reference answer (its <answer> part, if any) exactly,
+    outer spaces aside."""
+    return [float(answer_part(c) == answer_part(str(a))) for c, a in zip(completions, answer)]
 
 
 def normalised_match(completions, answer, **_):
     """1 when the two agree after normalise() (case, articles, punctuation, spacing)."""
-    return [float(normalise(answer_part(c)) == normalise(a)) for c, a in zip(completions, answer)]
+    return [float(normalise(answer_part(c)) == normalise(answer_part(str(a)))) for c, a in zip(completions, answer)]
 
 
-_NUMBER = re.compile(r"-?\d+(?:[.,]\d+)*(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\d.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![\d.]*\d)")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 
 
 def _number(text: str) -> float | None:
-    found = _NUMBER.findall(str(text).replace(",", ""))
-    return float(found[-1]) if found else None
+    """The last plain number in the text (1,234.5 and 1e-3 read as such; a dotted run like 1.2.3 or an IP is none)."""
+    found = _NUMBER.findall(_THOUSANDS.sub("", str(text)))
+    try:
+        return float(found[-1]) if found else None
+    except ValueError:
+        return None
 
 
 def numeric(completions, answer, tolerance: float = 0.0, relative: bool = False, **_):
@@ -66,16 +72,33 @@ def numeric(completions, answer, tolerance: float = 0.0, relative: bool = False,
     return out
 
 
+_CHOICE_FORMS = (
+    re.compile(r"answer\s*(?:is|:)?\s*\(?([A-Za-z])\b\)?", re.I),  # "the answer is B", "Answer: (c)"
+    re.compile(r"\(([A-Za-z])\)"),  # "(B)"
+    re.compile(r"^\s*([A-Za-z])(?:[).:]|\s*$)"),  # "B." / "B)" / "B" at the start
+    re.compile(r"\b([A-Z])\s*[.)]?\s*$"),  # a capital option letter ending the reply: "I think it is B"
+)
+
+
+def _choice(text: str) -> str | None:
+    """The option letter a reply gives: its explicit forms first, the last of each kind, case-insensitive."""
+    for form in _CHOICE_FORMS:
+        found = form.findall(str(text))
+        if found:
+            return found[-1].upper()
+    return None
+
+
 def multiple_choice(completions, answer, **_):
-    """1 when the first option letter (A-Z, alone or as "(B)" / "B." / "B)") in the completion is the answer's."""
-    def letter(text):
-        m = re.search(r"(?:^|[\s(])([A-Z])(?:[).:\s]|$)", str(text).strip())
-        return m.group(1) if m else None
+    """1 when the option letter the completion gives ("the answer is B", "(b)", "B." at the start) is the answer's."""
+    out = []
+    for c, a in zip(completions, answer):
+        got, want = _choice(answer_part(c)), _choice(answer_part(str(a)))
+        out.append(float(got is not None and got == want))
+    return out
 
-    return [float(letter(answer_part(c)) is not None and letter(answer_part(c)) == letter(a)) for c, a in zip(completions, answer)]
 
-
-_FORMAT = re.compile(r"^\s*<think>.+?</think>\s*<answer>.+?</answer>\s*$", re.S)
+_FORMAT = re.compile(r"^\s*<think>(?:(?!</think>).)+</think>\s*<answer>(?:(?!</answer>|<answer>).)+</answer>\s*$", re.S)
 
 
 def format_reward(completions, **_):
@@ -144,7 +167,7 @@ class Reward:
             columns.pop(k, None)
         rows = columns.get(ROW) or list(range(len(texts)))
         try:
-            values = self.fn(texts, **columns, **self.kwargs)
+            values = self.fn(texts, **{**columns, **self.kwargs})  # the recipe's arguments win over a same-named column
         except Exception as e:
             raise UserError(f"reward '{self.__name__}' raised {type(e).__name__}: {e} (on a batch of source rows "
                             f"{_rows(rows)})", where=self.where, hint="fix the reward function; it is called as "
