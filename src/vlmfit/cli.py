@@ -174,17 +174,15 @@ def predict(target: Annotated[str, typer.Argument(help="a model (hub id, directo
             max_new_tokens: Annotated[int, typer.Option(help="generation length limit")] = 64,
             batch_size: Annotated[int, typer.Option(help="examples per generate call")] = 8):
     """Generate answers (greedy) with a model, a run or an export, on your images or a data source."""
-    from vlmfit.evaluate.predict import predict as run_predict
-
+    from vlmfit.evaluate.api import predict as run_predict
     from vlmfit.evaluate.predict import is_video
 
     if bad := [str(p) for p in videos or [] if not is_video(p)]:
         raise UserError(f"--videos takes video files; {bad[0]} is not one (by its extension)", where="--videos",
                         hint="give .mp4, .mkv, .webm, .avi or .mov files, or pass images with --images")
-    if fps <= 0 or max_frames < 1:
-        raise UserError("--fps must be positive and --max-frames at least 1", where="--fps" if fps <= 0 else "--max-frames")
-    rows = run_predict(target, list(images or []) + list(more or []) + list(videos or []), data, prompt, out,
-                       max_new_tokens, batch_size, split, limit, console, task, fps, max_frames)
+    rows = run_predict(target, list(images or []) + list(more or []) + list(videos or []), data=data, prompt=prompt, out=out,
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, split=split, limit=limit, console=console,
+                       task=task, fps=fps, max_frames=max_frames)
     table = Table(title=f"{len(rows)} answers")
     for col in ("input", "answer") + (("reference",) if rows and "reference" in rows[0] else ()):
         table.add_column(col)
@@ -263,13 +261,9 @@ def prepare(source: Annotated[str, typer.Argument(help="file (jsonl/json/csv/par
             model: Annotated[Optional[str], typer.Option(help="report token lengths under this model's processor (e.g. tiny:qwen2_vl)")] = None,
             set: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="a data key, e.g. --set image_column=img (repeatable)")] = None):
     """Turn a dataset into vlmfit's canonical format with train/validation/test splits and a report."""
-    from vlmfit.config import load_config
-    from vlmfit.data.prepare import prepare as run_prepare
+    from vlmfit.data.prepare import prepare_source
 
-    sets = [f"data.source={source}", f"data.task={task}", f"data.strict={str(strict).lower()}"] + [f"data.{kv}" for kv in set or []]
-    cfg = load_config(base={"model": {"name": "none"}}, overrides=sets).data
-    out = out or Path("prepared") / f"{Path(source.rstrip('/')).stem or 'data'}-{task}"
-    report = run_prepare(cfg, out, model=model)
+    report, out = prepare_source(source, task=task, out=out, strict=strict, model=model, settings=set)
     console.print((out / "prepare_report.md").read_text())
     console.print(f"[green]prepared[/] {report['kept']} of {report['input_rows']} rows into {out}")
     if report["empty_splits"]:

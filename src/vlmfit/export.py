@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,3 +157,15 @@ def push(exported: Exported, repo_id: str, private: bool, dry_run: bool) -> list
         raise UserError(f"upload failed: {str(e).splitlines()[0]}", where=f"--push-to-hub {repo_id}",
                         hint="check the repo id (owner/name), the token's write permission and the network") from None
     return lines
+
+
+class _CallableModule(sys.modules[__name__].__class__):
+    """`vlmfit.export(run_dir, out, merge=False, dtype="bf16") -> Exported` is `vlmfit export` (this module's
+    export_run), while `vlmfit.export.export_run` stays reachable: a function named `export` on the root package
+    would be replaced by this module as soon as anything imports it."""
+
+    def __call__(self, run_dir, out, merge: bool = False, dtype: str = "bf16"):
+        return export_run(run_dir, out, merge=merge, dtype=dtype, command="vlmfit.export(...)")
+
+
+sys.modules[__name__].__class__ = _CallableModule

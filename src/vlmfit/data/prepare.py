@@ -509,3 +509,15 @@ def _read_manifest(path: Path) -> dict:
     except (OSError, ValueError):  # none yet, or torn: the next preparation writes it whole
         return {}
     return doc if isinstance(doc, dict) and "format" in doc else {}
+
+
+def prepare_source(source: str, *, task: str = "classification", out: str | Path | None = None, strict: bool = False,
+                   model: str | None = None, settings: list[str] | None = None) -> tuple[dict, Path]:
+    """`vlmfit prepare` as a function: `source` read as `task`, validated row by row, written to `out` (default
+    prepared/<source>-<task>); `settings`: data keys ["image_column=img", ...]. Returns (the report, the directory)."""
+    from vlmfit.config import load_config
+
+    sets = [f"data.source={source}", f"data.task={task}", f"data.strict={str(strict).lower()}"] + [f"data.{kv}" for kv in settings or []]
+    cfg = load_config(base={"model": {"name": "none"}}, overrides=sets).data
+    out = Path(out) if out is not None else Path("prepared") / f"{Path(source.rstrip('/')).stem or 'data'}-{task}"
+    return prepare(cfg, out, model=model), out

@@ -147,3 +147,15 @@ def preflight(cfg, console: Console | None = None, force: bool = False, world: i
             hint="run `vlmfit plan --fit --gpu <card> RECIPE` for a configuration that fits, or pass --force",
         )
     return bd
+
+
+def plan(recipe: str | Path | None = None, *, model: str | None = None, overrides: list[str] | None = None,
+         gpu: str | None = None, image_size: str | None = None, seq_len: int = 512, answer_tokens: int = 64,
+         device: str = "cuda"):
+    """`vlmfit plan` as a function: the memory Breakdown of a recipe (a path or a shipped recipe's name) or of a model
+    with the default recipe, against `gpu` (a budget like "14GiB" or a card name) when given. `vlmfit.plan(...)`."""
+    from vlmfit.config import recipe_path
+
+    cfg = recipe_config(recipe_path(recipe) if recipe is not None else None, model, overrides)
+    return plan_memory(cfg, device=device, budget=parse_budget(gpu) if gpu else None, image_hw=_image_hw(image_size),
+                       text_tokens=seq_len, answer_tokens=answer_tokens)
