@@ -5,6 +5,8 @@ Defaults live here and nowhere else; unknown keys are rejected with the nearest 
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,13 +17,15 @@ from vlmfit.errors import UserError, nearest
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(_Section):
     name: str = Field(description="hub id (Qwen/Qwen2-VL-2B-Instruct), local HF-format directory, or tiny:<family>")
     revision: str | None = None
+    """hub revision to load (branch, tag or commit); null: the default branch"""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype the weights load in; auto: bfloat16 on a GPU, float32 on a CPU"""
     quantization: Literal["none", "4bit", "8bit"] = Field(
         "none", description="load the base weights quantized with bitsandbytes (method qlora implies 4bit NF4)"
     )
@@ -45,24 +49,39 @@ class DataConfig(_Section):
     source: str = Field("builtin:mnist", description="builtin:<name>, a prepared dir, a file (jsonl/json/csv/parquet), "
                         "an image folder, a save_to_disk dir, Parquet shards, or a hub dataset id")
     task: Literal["classification", "vqa", "caption", "chat", "preference"] = "classification"
+    """what the rows are: classification (a label per image), vqa (question -> answer), caption, chat (whole conversations), preference (prompt / chosen / rejected)"""
     image_column: str | None = None
+    """the column holding the image (path, URL-less file name, bytes or PIL); null: found by name"""
     video_column: str | None = None
+    """the column holding a video file; null: none"""
     question_column: str | None = None
+    """vqa: the question column; null: found by name"""
     answer_column: str | None = None
+    """vqa / caption: the answer (or caption) column; null: found by name"""
     label_column: str | None = None
+    """classification: the label column; null: found by name (or the class folder)"""
     chosen_column: str | None = None
+    """preference: the preferred reply column"""
     rejected_column: str | None = None
+    """preference: the dispreferred reply column"""
     messages_column: str | None = None
+    """chat: the column with the conversation (OpenAI / ShareGPT / LLaVA spellings are read)"""
     classes: list[str] | None = Field(None, description="the valid class names; rows with another label are skipped")
     prompt: str | None = Field(None, description="question template; {classes} and {question} are filled in")
     system: str | None = None
+    """a system prompt put in front of every example"""
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    """share of the rows held out as the validation split (when the source has none)"""
     test_fraction: float = Field(0.1, ge=0, lt=1)
+    """share of the rows held out as the test split (when the source has none)"""
     split_seed: int = Field(0, description="seed of the train/validation/test split and of the few-shot draw")
     strict: bool = Field(False, description="fail on the first bad row instead of skipping and reporting it")
     max_image_pixels: int = Field(64_000_000, ge=1)
+    """images larger than this many pixels are skipped as rows (decompression-bomb guard)"""
     video_fps: float | None = Field(2.0, gt=0)
+    """frames sampled per second of video"""
     video_max_frames: int | None = Field(16, ge=1)
+    """at most this many frames per video, spread over the clip"""
     frames_per_example: int | None = Field(None, ge=1, description="split each video into examples of this many frames (as images)")
     train_limit: int | None = Field(None, ge=1, description="use at most this many training examples")
     shots_per_class: int | None = Field(None, ge=1, description="few-shot: keep k training examples of each class, "
@@ -72,10 +91,15 @@ class DataConfig(_Section):
 
 class LoraConfig(_Section):
     r: int = Field(16, ge=1)
+    """LoRA rank"""
     alpha: float = Field(32, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)"""
     dropout: float = Field(0.05, ge=0, lt=1)
+    """dropout on the LoRA input"""
     targets: Literal["all-linear"] | list[str] = "all-linear"
+    """all-linear (every linear layer in scope, family wrappers understood) or a list of module name patterns"""
     scope: list[Literal["language", "vision", "projector"]] = ["language"]
+    """the parts LoRA goes into: language, vision, projector"""
     train_fully: list[Literal["language", "vision", "projector"]] = Field(
         [], description="parts trained in full (not LoRA), e.g. [projector] while the towers use LoRA"
     )
@@ -92,9 +116,13 @@ class DpoConfig(_Section):
     """Preference optimisation (method: dpo). The policy is trained with `tuning` (LoRA uses the lora section)."""
 
     tuning: Literal["lora", "full"] = "lora"
+    """how the policy trains: lora (reference = adapter disabled) or full (reference = a frozen copy)"""
     beta: float = Field(0.1, gt=0)
+    """DPO's temperature: how far the policy may move from the reference"""
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down"] = "sigmoid"
+    """TRL's DPO loss"""
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """conservative DPO: the assumed share of flipped preference labels"""
     init_from: Path | None = Field(None, description="a previous run directory: start from its adapter or weights (SFT then DPO)")
     pairs_from_labels: Literal["mixed", "wrong_label", "evasive"] | None = Field(
         None, description="build pairs from a labelled (classification) dataset: chosen = the label, rejected = a wrong "
@@ -108,6 +136,7 @@ class RewardConfig(_Section):
     fn: str = Field(description="exact_match, normalised_match, numeric, multiple_choice, format, length_penalty, or "
                     "your own: path/to/rewards.py:function or module:function, called as fn(completions, **columns)")
     weight: float = 1.0
+    """its weight in the sum of the rewards"""
     name: str | None = Field(None, description="the name it is logged under (default: the function's)")
     args: dict[str, Any] = Field({}, description="keyword arguments for the function (numeric: tolerance, relative)")
 
@@ -123,12 +152,15 @@ class GrpoConfig(_Section):
     group. The policy is trained with `tuning` (LoRA uses the lora section; QLoRA: model.quantization: 4bit)."""
 
     tuning: Literal["lora", "full"] = "lora"
+    """how the policy trains: lora or full"""
     rewards: list[RewardConfig] = Field(default_factory=lambda: [RewardConfig(fn="exact_match")], min_length=1,
                                         description="the rewards, summed with their weights")
     num_generations: int = Field(8, ge=2, description="completions sampled per prompt (the group whose rewards are compared)")
     max_completion_length: int = Field(64, ge=1, description="tokens generated per completion at most")
     temperature: float = Field(1.0, gt=0)
+    """sampling temperature of the completions"""
     top_p: float = Field(1.0, gt=0, le=1)
+    """nucleus sampling of the completions (1: off)"""
     loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"] = Field(
         "dapo", description="how token losses are aggregated (TRL's loss types): dapo normalises by the generation "
         "batch's completion tokens, grpo by each completion's length, dr_grpo by a constant")
@@ -171,6 +203,7 @@ class ZoConfig(_Section):
     forward_passes: int = Field(5000, ge=2, description="budget: loss evaluations of one parameter setting on one batch "
                                 "(the default: SharpZO's 100 generations x (popsize 40 + 2) = 4,200, then 800 of sparse ZO)")
     lr: float = Field(1e-3, gt=0)
+    """learning rate of the zeroth-order updates"""
     eps: float = Field(1e-3, gt=0, description="finite-difference step")
     perturbations: int = Field(1, ge=1, description="random directions per gradient estimate (q)")
     # prompt target (CLIP)
@@ -182,6 +215,7 @@ class ZoConfig(_Section):
     # SharpZO stage 1: CMA-ES scored at a sharpness-aware worst case
     generations: int = Field(100, ge=0, description="CMA-ES generations before switching to sparse ZO (the switch point)")
     popsize: int = Field(40, ge=2)
+    """CMA-ES population per generation"""
     sigma: float = Field(0.4, gt=0, description="CMA-ES initial step size")
     rho: float = Field(0.1, ge=0, description="radius of the worst-case perturbation (0 = plain CMA-ES)")
     population_batch: int | None = Field(None, ge=1, description="prompt target: candidates scored per text-encoder "
@@ -194,14 +228,22 @@ class ZoConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: float = Field(1.0, gt=0)
+    """passes over the training split (max_steps overrides it)"""
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(8, ge=1)
+    """examples per device per micro-step (grpo: completions)"""
     grad_accum: int = Field(1, ge=1)
+    """micro-steps per optimizer step (global batch = batch_size x grad_accum x processes)"""
     lr: float = Field(2e-4, gt=0)
+    """peak learning rate"""
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """learning-rate schedule after the warmup"""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    """share of the optimizer steps spent warming the learning rate up from 0"""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay"""
     max_grad_norm: float = Field(1.0, gt=0)
+    """gradient norm clipping"""
     max_length: int | None = Field(None, ge=8, description="None: never truncate (recommended for VLMs)")
     overlong: Literal["truncate", "drop"] = Field(
         "truncate",
@@ -209,9 +251,11 @@ class TrainConfig(_Section):
         "before training) or drop (counted, with reasons, in the run report)",
     )
     loss_on: Literal["assistant", "all"] = "assistant"
+    """assistant: loss on the replies only (the prompt and images never); all: every text token"""
     lean_loss: bool = Field(True, description="LM head and loss only at the positions that carry a label (false: the "
                             "model's own loss over full logits, as plain TRL computes it)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """autocast: auto (bf16 on a GPU that has it, else fp32), fp32, bf16 or fp16"""
     gradient_checkpointing: list[Literal["language", "vision"]] = Field(
         [], description="recompute activations in these towers during backward (less memory, ~30% more compute)"
     )
@@ -220,8 +264,11 @@ class TrainConfig(_Section):
         "hooks; pinned copies on a GPU, brought back op by op in backward): same losses, the device holds about one "
         "block's; not with gradient_checkpointing on the same tower")
     optim: Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "sgd"] = "adamw"
+    """optimizer: adamw, adamw-8bit / paged-adamw-8bit (bitsandbytes), sgd"""
     seed: int = 42
+    """seed of the data order, the initialisation of new weights and sampling"""
     logging_steps: int = Field(10, ge=1)
+    """optimizer steps between log lines (metrics.jsonl)"""
     dataloader_workers: int = Field(0, ge=0, description="processes that collate batches ahead of the training step "
                                     "(0: in the training process)")
     group_by_length: bool = Field(False, description="batches of examples of similar token length (image sizes vary "
@@ -262,10 +309,15 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     before: bool = True
+    """evaluate the starting model on the test split before training"""
     after: bool = True
+    """evaluate the trained model on the test split after training"""
     modes: list[Literal["constrained", "generate"]] = ["constrained", "generate"]
+    """constrained (the likeliest label of the class set) and / or generate (free greedy answer)"""
     batch_size: int = Field(32, ge=1)
+    """test examples per forward"""
     max_new_tokens: int = Field(8, ge=1)
+    """tokens generated per answer at most (generate mode, predict, serve's advice)"""
     every_steps: int | None = Field(None, ge=1, description="also evaluate on the validation split every this many "
                                     "optimizer steps (supervised recipes): metric curves and the best step in the report")
 
@@ -286,14 +338,17 @@ class LaunchConfig(_Section):
 
 class OutputConfig(_Section):
     dir: Path = Path("runs")
+    """where run directories are made"""
     name: str | None = Field(None, description="run directory name; default <model>-<method>-<timestamp>")
     save_model: bool = True
+    """save the trained weights (adapter or full model) in the run directory"""
 
 
 class RunConfig(_Section):
     model: ModelConfig
     data: DataConfig = DataConfig()
     method: Literal["full", "lora", "qlora", "dpo", "grpo", "zo"] = "lora"
+    """full (every weight), lora, qlora (LoRA on a 4-bit base), dpo (preference pairs), grpo (rewards), zo (forward-only)"""
     lora: LoraConfig = LoraConfig()
     dpo: DpoConfig = DpoConfig()
     grpo: GrpoConfig = GrpoConfig()
@@ -508,3 +563,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return RunConfig.model_validate(doc)
     except ValidationError as e:
         raise _explain(e, source) from None
+
+
+def recipe_reference() -> str:
+    """docs/recipe-reference.md: every recipe key of the schema above with its type, default and description, one
+    table per section (tests/test_docs.py fails when the file is not this text)."""
+    import typing
+
+    def type_of(annotation) -> str:
+        text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("vlmfit.config.", "")
+        text = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+        return text.replace("NoneType", "None").replace("|", "\\|")
+
+    def default_of(f) -> str:
+        if f.is_required():
+            return "(required)"
+        value = f.default_factory() if f.default_factory is not None else f.default
+        if isinstance(value, list) and value and isinstance(value[0], BaseModel):
+            value = [v.model_dump(exclude_defaults=True) for v in value]
+        return "`" + json.dumps(value, default=str) + "`"
+
+    def rows(model, prefix: str):
+        for key, f in model.model_fields.items():
+            ann = f.annotation
+            inner = typing.get_args(ann)[0] if typing.get_origin(ann) is list and typing.get_args(ann) else None
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                continue  # a section: its own table
+            desc = " ".join((f.description or "").split()).replace("|", "\\|")
+            yield f"| `{prefix}{key}` | {type_of(ann)} | {default_of(f)} | {desc} |"
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                yield from rows(inner, f"{prefix}{key}[].")
+
+    out = ["# Recipe reference", "",
+           "Every key a recipe (YAML) takes, generated from vlmfit's config schema (src/vlmfit/config.py); unknown keys "
+           "are refused with the nearest valid name. Regenerate with "
+           "`python -c \"from vlmfit.config import recipe_reference; print(recipe_reference(), end='')\" > docs/recipe-reference.md`.",
+           "", "## Top level", "", "| key | type | default | description |", "|---|---|---|---|", *rows(RunConfig, "")]
+    for key, f in RunConfig.model_fields.items():
+        section = f.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            out += ["", f"## {key}", ""]
+            if section.__doc__ and section.__doc__ != BaseModel.__doc__:
+                out += [" ".join(section.__doc__.split()), ""]
+            out += ["| key | type | default | description |", "|---|---|---|---|", *rows(section, f"{key}.")]
+    return "\n".join(out) + "\n"
