@@ -349,6 +349,23 @@ def plan(recipe: Annotated[Optional[str], typer.Argument(help="YAML recipe; or o
 
 
 @app.command()
+def new(model: Annotated[str, typer.Option(help="hub id, local dir or tiny:<family>")],
+        data: Annotated[str, typer.Option(help="data source: builtin:<name>, a file, an image folder, a prepared dir, a hub id")],
+        task: Annotated[str, typer.Option(help="classification | vqa | caption | chat")] = "classification",
+        method: Annotated[str, typer.Option(help="full | lora | qlora")] = "lora",
+        gpu: Annotated[Optional[str], typer.Option(help="fit the recipe to this budget: 14GiB or a card, e.g. a100-80gb")] = None,
+        out: Annotated[Path, typer.Option(help="where to write the recipe")] = Path("recipe.yaml"),
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False):
+    """Write a starter recipe for a model, a data source and a task (fitted to --gpu by the memory planner)."""
+    from vlmfit.memory.plan import new_recipe
+
+    path, lines = new_recipe(model, data, task, method=method, gpu=gpu, out=out, overwrite=overwrite)
+    for line in lines:
+        console.print(line, highlight=False)
+    console.print(f"[green]written[/] {path}: next `vlmfit doctor {path}`, then `vlmfit train {path}`")
+
+
+@app.command()
 def models():
     """List the tiny offline models (use them as model.name: tiny:<family>)."""
     from vlmfit.models.tiny import TINY_FAMILIES, cache_root, clip_name, describe_tiny

@@ -159,3 +159,40 @@ def plan(recipe: str | Path | None = None, *, model: str | None = None, override
     cfg = recipe_config(recipe_path(recipe) if recipe is not None else None, model, overrides)
     return plan_memory(cfg, device=device, budget=parse_budget(gpu) if gpu else None, image_hw=_image_hw(image_size),
                        text_tokens=seq_len, answer_tokens=answer_tokens)
+
+
+def new_recipe(model: str, data: str, task: str = "classification", *, method: str = "lora", gpu: str | None = None,
+               out: str | Path = "recipe.yaml", overwrite: bool = False, image_size: str | None = None,
+               device: str = "cuda") -> tuple[Path, list[str]]:
+    """`vlmfit new`: a starter recipe for `model` on `data` read as `task`, validated by the schema; with `gpu` (a
+    budget or a card), the fastest configuration the planner predicts to fit it (`vlmfit plan --fit`'s search),
+    its reasons in the header. Returns (the path, the lines to tell the user)."""
+    from vlmfit.config import load_config
+
+    path = Path(out)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} already exists", where="--out", hint="choose another --out, or pass --overwrite")
+    if method not in ("full", "lora", "qlora"):
+        raise UserError(f"vlmfit new writes supervised recipes (full, lora, qlora), not method {method}",
+                        where="--method", hint="start from one and change method: dpo / grpo / zo (docs/recipe-reference.md)")
+    modes = ["constrained", "generate"] if task == "classification" else ["generate"]
+    cfg = load_config(base={"model": {"name": model}, "data": {"source": data, "task": task}, "method": method,
+                            "eval": {"modes": modes}, "output": {"dir": "runs"}})
+    lines = [f"model {model}, data {data} ({task}), method {method}"]
+    reasons: list[str] = []
+    if gpu:
+        from vlmfit.memory.fit import fit
+
+        budget = parse_budget(gpu)
+        cfg, reasons = fit(cfg, budget, device=device, image_hw=_image_hw(image_size))
+        bd = plan_memory(cfg, device=device, budget=budget, image_hw=_image_hw(image_size))
+        lines.append(f"fitted to {gpu}: planned peak {bd.peak / GiB:.2f} GiB ({bd.verdict})")
+        lines += [f"  {r}" for r in reasons]
+    head = ["# Written by `vlmfit new`: every key and its default is in docs/recipe-reference.md.",
+            "# Next: `vlmfit doctor " + str(path) + "` (checks data, labels and memory), then `vlmfit train " + str(path) + "`."]
+    if reasons:
+        head += [f"# Fitted to {gpu} by the memory planner:"] + [f"#   {r}" for r in reasons]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(head) + "\n" + cfg.to_yaml())
+    load_config(path)  # what was written reads back as the same valid recipe
+    return path, lines
