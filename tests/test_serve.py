@@ -53,13 +53,15 @@ def _free_port() -> int:
 class Server:
     """`vlmfit serve TARGET` as a user starts it, in a subprocess, until the test ends."""
 
-    def __init__(self, target, tmp_path):
+    def __init__(self, target, tmp_path, backend: str = "transformers"):
         self.port = _free_port()
         self.log = open(tmp_path / f"serve-{self.port}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "vlmfit", "serve", str(target), "--port", str(self.port),
-                                      "--device", "cpu", "--dtype", "float32"], stdout=self.log, stderr=subprocess.STDOUT)
+        extra = ["--device", "cpu", "--dtype", "float32"] if backend == "transformers" else ["--backend", backend]
+        self.proc = subprocess.Popen([sys.executable, "-m", "vlmfit", "serve", str(target), "--port", str(self.port), *extra],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 180
+        wait = 180 if backend == "transformers" else 600  # vLLM profiles memory and compiles before it listens
+        deadline = time.time() + wait
         while time.time() < deadline:
             assert self.proc.poll() is None, self.text()
             try:
@@ -69,7 +71,7 @@ class Server:
             except OSError:
                 time.sleep(0.5)
         else:
-            raise AssertionError("the server did not come up in 180 s: " + self.text())
+            raise AssertionError(f"the server did not come up in {wait} s: " + self.text())
 
     def text(self) -> str:
         self.log.flush()
