@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # about a minute: eight commands, each a fresh process loading the stack
+pytestmark = pytest.mark.slow  # about a minute: nine commands, each a fresh process loading the stack
 
 DOC = Path(__file__).parents[1] / "docs" / "getting-started.md"
 
