@@ -1,7 +1,8 @@
 """`vlmfit serve` checked with the real client: a short SFT run on digits is served by `transformers serve` on
 127.0.0.1, 50 test digits go to it as base64 image_url parts through the official openai package, and every answer
 equals the one `vlmfit predict` gives on the same images (greedy); malformed requests get the server's error and it
-keeps serving; an adapter run is served merged. The server stops with the test."""
+keeps serving; a request with two images answers as vlmfit's own generation does; an adapter run is served merged.
+The server stops with the test."""
 
 import base64
 import io
@@ -130,9 +131,28 @@ def test_served_run_answers_like_vlmfit_predict_through_the_openai_client(tmp_pa
         with pytest.raises(openai.APIError):
             client.chat.completions.create(model=model, messages=[{"role": "user", "content": [{"type": "image_url"}]}])
         assert _ask(client, model, _data_url(test[0]["images"][0])) == expected[0]["answer"]
+        # two images in one message (Qwen2-VL takes several): the same answers vlmfit's own generation gives
+        pairs = [(test[i]["images"][0], test[i + 1]["images"][0]) for i in range(0, 8, 2)]
+        served = [client.chat.completions.create(model=model, temperature=0, max_tokens=8, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(a)}}, {"type": "image_url", "image_url": {"url": _data_url(b)}},
+            {"type": "text", "text": "Which digits are these?"}]}]).choices[0].message.content.strip() for a, b in pairs]
+        assert served == _own_answers(run, pairs, "Which digits are these?")
     finally:
         server.stop()
     assert server.proc.returncode is not None
+
+
+def _own_answers(run, image_groups, question: str) -> list[str]:
+    """vlmfit's greedy generation (predict's path) on examples with several images each."""
+    from vlmfit.chat.collate import VisionChatCollator
+    from vlmfit.chat.schema import chat_example
+    from vlmfit.evaluate.classification import generate_answers
+    from vlmfit.evaluate.predict import load_target
+
+    model, processor, family = load_target(str(run))
+    model.eval()
+    examples = [chat_example(question, "", list(group)) for group in image_groups]
+    return [a.strip() for a in generate_answers(model, VisionChatCollator(processor, family), examples, 1, 8)]
 
 
 def test_an_adapter_run_is_served_merged_and_answers_like_predict(tmp_path, fifty):
