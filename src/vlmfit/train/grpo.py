@@ -17,7 +17,7 @@ from rich.console import Console
 from vlmfit.chat.collate import VisionChatCollator
 from vlmfit.chat.schema import ROW, message_text, prompt_of
 from vlmfit.config import RunConfig, load_config
-from vlmfit.data.splits import Splits, load_splits, require_chat
+from vlmfit.data.splits import load_splits, require_chat
 from vlmfit.errors import UserError
 from vlmfit.evaluate.classification import evaluate_task
 from vlmfit.launch.ranks import barrier, is_main, main_first
