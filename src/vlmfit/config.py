@@ -236,6 +236,17 @@ class TrainConfig(_Section):
     """micro-steps per optimizer step (global batch = batch_size x grad_accum x processes)"""
     lr: float = Field(2e-4, gt=0)
     """peak learning rate"""
+    lr_groups: dict[Literal["vision", "projector", "language"], float] = Field(
+        {}, description="a learning rate per part, e.g. {vision: 2e-5, projector: 1e-4} (ms-swift's vit_lr / aligner_lr); "
+        "parts not named, and parameters outside the three (the LM head), use train.lr; 0 leaves that part as it is")
+
+    @field_validator("lr_groups")
+    @classmethod
+    def _rates_are_not_negative(cls, v):
+        bad = {k: r for k, r in v.items() if r < 0}
+        if bad:
+            raise ValueError(f"learning rates cannot be negative: {bad}")
+        return v
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     """learning-rate schedule after the warmup"""
     warmup_ratio: float = Field(0.03, ge=0, lt=1)

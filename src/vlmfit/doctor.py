@@ -76,6 +76,9 @@ def run_doctor(cfg: RunConfig, samples: int = 8) -> Report:
     sample = [train_ds[i] for i in range(min(samples, len(train_ds)))]
     _check_examples(rep, coll, model.config, family, sample, cfg)
     _check_targets(rep, model, family, cfg)
+    if cfg.train.lr_groups:
+        rates = ", ".join(f"{part} {rate:g}" for part, rate in cfg.train.lr_groups.items())
+        rep.add("learning rates", "ok", f"{rates}; every other trained parameter {cfg.train.lr:g} (train.lr_groups)")
     for advice in family.advice:
         rep.add("advice", "warn", advice)
     over = [(key, getattr(cfg.train, key), limit) for key, limit in family.train_limits if getattr(cfg.train, key) > limit]

@@ -167,7 +167,7 @@ def make_trainer(loaded: Loaded, collator: PreferenceCollator, train_pairs, cfg:
         disable_dropout=True,
     )
     guard = guard or DivergenceGuard(cfg, run)
-    trainer = vlmfit_trainer(DPOTrainer, guard)(
+    trainer = vlmfit_trainer(DPOTrainer, guard, family=loaded.family, rates=cfg.train.lr_groups)(
         model=model, ref_model=ref_model, args=args, train_dataset=train_pairs, data_collator=collator,
         processing_class=loaded.processor, peft_config=lora, callbacks=trainer_callbacks(run, guard, cfg))
     quiet_printing(trainer)

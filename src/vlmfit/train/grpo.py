@@ -257,7 +257,7 @@ def make_trainer(loaded: Loaded, prompts, rewards: list[Reward], weights: list[f
         shuffle_dataset=True, **vllm,
     )
     guard = guard or DivergenceGuard(cfg, run)
-    trainer = vlmfit_trainer(rollout_trainer(GRPOTrainer), guard)(
+    trainer = vlmfit_trainer(rollout_trainer(GRPOTrainer), guard, family=loaded.family, rates=cfg.train.lr_groups)(
         model=model, reward_funcs=rewards, args=args, train_dataset=prompts, processing_class=loaded.processor,
         peft_config=lora, callbacks=trainer_callbacks(run, guard, cfg))
     quiet_printing(trainer)

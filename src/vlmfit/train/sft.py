@@ -120,7 +120,7 @@ def make_trainer(model, loaded: Loaded, collator, train_ds, cfg: RunConfig, run:
     enable_checkpointing(model, loaded.family, cfg.train.gradient_checkpointing)
     offload_activations(model, loaded.family, cfg.train.activation_offload)
     trainer = vlmfit_trainer(SFTTrainer, guard, lean_loss=cfg.train.lean_loss, family=loaded.family, features=features,
-                             sync=sync)(
+                             sync=sync, rates=cfg.train.lr_groups)(
         model=model,
         args=SFTConfig(**trainer_arguments(cfg, run), **launch_arguments(cfg, model, loaded.family, run)),
         train_dataset=train_ds,

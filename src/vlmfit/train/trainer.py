@@ -126,8 +126,36 @@ def with_row_ids(ds):
     return ds if ROW in ds.column_names else ds.add_column(ROW, list(range(len(ds))))
 
 
+def lr_groups(model, family: Family, rates: dict[str, float], base_lr: float) -> dict[str, list[str]]:
+    """The trainable parameter names of each learning-rate group: the parts `rates` names (vision, projector,
+    language) and "default" (train.lr) for the rest; every trainable parameter is in exactly one."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            part = part_of(name.removeprefix("base_model.model.").removeprefix("module."), family)
+            groups.setdefault(part if part in rates else "default", []).append(name)
+    return groups
+
+
+def split_by_part(optimizer, model, family: Family, rates: dict[str, float]) -> None:
+    """The Trainer's optimizer groups (decay / no decay) cut further by part, each part at its own learning rate,
+    before any step (no state yet): the scheduler then scales every group's rate alike."""
+    owner = {id(p): n for n, p in model.named_parameters()}
+    names = {n: part for part, ns in lr_groups(model, family, rates, 0.0).items() for n in ns}
+    new = []
+    for group in optimizer.param_groups:
+        by_part: dict[str, list] = {}
+        for p in group["params"]:
+            by_part.setdefault(names.get(owner.get(id(p)), "default"), []).append(p)
+        for part, params in by_part.items():
+            new.append({**group, "params": params, "part": part,
+                        **({"lr": rates[part], "initial_lr": rates[part]} if part in rates else {})})
+    optimizer.param_groups = new
+
+
 def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = False, family: Family | None = None,
-                   features: FeatureCache | None = None, sync: TowerSync | None = None):
+                   features: FeatureCache | None = None, sync: TowerSync | None = None,
+                   rates: dict[str, float] | None = None):
     """`trainer_class` (TRL's SFTTrainer or DPOTrainer) as vlmfit runs it:
     - with `lean_loss`, the loss is models.loss.causal_lm_loss: the LM head only at the labelled positions, never
       full logits. Trainer.compute_loss is the documented place to change the loss; the normalisation follows the
@@ -139,10 +167,18 @@ def vlmfit_trainer(trainer_class, guard: "DivergenceGuard", lean_loss: bool = Fa
     - with `features`, images seen before get their features from that cache instead of the vision tower;
     - with `sync` (launched, towers trained or sharded), a batch without images runs the tower on a blank one
       (models/towers.py), so every rank's collective calls match;
+    - with `rates` (train.lr_groups), the optimizer's groups are split by part, each at its own learning rate;
     - every optimizer step's gradient norm (before clipping: the value the Trainer logs) goes through the guard,
       which can drop the step's gradients (the optimizer then skips every parameter) or stop the run."""
 
     class VlmfitTrainer(trainer_class):
+        def create_optimizer(self, model=None):
+            fresh = self.optimizer is None
+            optimizer = super().create_optimizer(model)
+            if rates and fresh and family is not None:  # train.lr_groups: a learning rate per part
+                split_by_part(optimizer, self.model if model is None else model, family, rates)
+            return optimizer
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             rows = inputs.pop(ROW, None)
             if rows is not None:
