@@ -47,6 +47,13 @@ def test_a_part_at_rate_zero_stays_bit_identical_and_the_checkpoint_keeps_the_ra
     assert rates == {"vision": 0.0, "projector": 5e-4, "default": 1e-3}
 
 
+def test_plan_and_doctor_print_the_rates(vlmfit):
+    code, out, err = vlmfit("plan", "digits-lora", "--set", "train.lr_groups={vision: 0, projector: 1e-4}")
+    assert code == 0 and "learning rates: vision 0, projector 0.0001" in " ".join(out.split()), err
+    code, out, err = vlmfit("doctor", "digits-lora", "--set", "train.lr_groups={vision: 0}")
+    assert "learning rates" in out and "vision 0" in " ".join(out.split()), err
+
+
 def test_negative_rates_are_refused():
     with pytest.raises(UserError, match="cannot be negative"):
         load_config(base={"model": {"name": "tiny:qwen2_vl"}, "train": {"lr_groups": {"vision": -1.0}}})

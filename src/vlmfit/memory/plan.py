@@ -93,6 +93,9 @@ def plan_command(recipe: Path | None = None, *, model: str | None = None, overri
     console.print(bd.table())
     for note in bd.notes:
         console.print(f"[dim]-[/] {note}")
+    if cfg.train.lr_groups:  # memory does not depend on them; said so the plan shows the whole recipe
+        rates = ", ".join(f"{part} {rate:g}" for part, rate in cfg.train.lr_groups.items())
+        console.print(f"[dim]-[/] learning rates: {rates}; every other trained parameter {cfg.train.lr:g} (train.lr_groups)")
     if bd.verdict in ("does not fit", "tight"):
         from vlmfit.memory.fit import memory_options
 
