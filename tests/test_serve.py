@@ -181,3 +181,20 @@ def test_serve_refusals_are_one_message(vlmfit, tmp_path):
     assert code == 2 and "unknown backend 'sglang'" in out + err
     code, out, err = vlmfit("serve", "tiny:qwen2_vl", "--dry-run", "--port", "8123")
     assert code == 0 and "base URL: http://127.0.0.1:8123/v1" in out and "transformers serve" in out.replace("/transformers serve", " transformers serve")
+
+
+def test_the_served_merge_is_reused_only_while_its_inputs_are_the_same(tmp_path, fifty):
+    import os
+
+    from vlmfit.rundir import RunDir
+    from vlmfit.serve import merged_for_serving
+
+    run = RunDir.open(_train(tmp_path, fifty, "lora", "lora", 4))
+    out = merged_for_serving(run)
+    made = (out / "config.json").stat().st_mtime_ns
+    assert merged_for_serving(run) == out and (out / "config.json").stat().st_mtime_ns == made  # reused
+    weights = run.weights_path("adapter") / "adapter_model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the adapter rewritten
+    merged_for_serving(run)
+    assert (out / "config.json").stat().st_mtime_ns != made  # merged again

@@ -29,6 +29,7 @@ LORA_TARGETS = "lora_targets.json"
 LAUNCH = "launch.json"  # how a launched run was shared out (strategy, world size, the engine arguments)
 LOSS_PLOT = "loss.png"
 SERVED = "served"  # `vlmfit serve` of an adapter run: the adapter merged into its base, written once
+SERVED_KEY = "served/vlmfit_served.json"  # what that merge was made from (reused only while all of it is the same)
 SAMPLES = "samples"  # GRPO: completions of the last rollout batch with their rewards (samples.json) and images
 REPORT = "report.md"
 REPORT_HTML = "report.html"  # the same, self-contained for a browser: curves, intervals, flipped examples

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmfit.errors import UserError
-from vlmfit.rundir import PROCESSOR, SERVED, RunDir
+from vlmfit.rundir import PROCESSOR, SERVED, SERVED_KEY, RunDir
 
 BACKENDS = ("transformers", "vllm")
 
@@ -95,17 +95,26 @@ def plan_serve(target: str, host: str = "127.0.0.1", port: int = 8000, backend: 
 
 
 def merged_for_serving(run: RunDir) -> Path:
-    """The run's adapter merged into its base, written once into the run directory (served/) and reused."""
+    """The run's adapter merged into its base, written once into the run directory (served/) and reused while what
+    it was made from is the same: the adapter files (size + mtime_ns), the base model and revision, the dtype and
+    the versions of the libraries that merge."""
     from vlmfit.export import export_run
+    from vlmfit.rundir import environment
 
     out = run.path / SERVED
-    adapter = run.weights_path("adapter") / "adapter_model.safetensors"
-    done = out / "config.json"
-    if done.is_file() and done.stat().st_mtime >= adapter.stat().st_mtime:
+    cfg = run.config()
+    dtype = "fp32" if _cpu_only() else "bf16"
+    adapter = run.weights_path("adapter")
+    packages = environment()["packages"]
+    key = {"adapter": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(adapter.iterdir()) if f.is_file()},
+           "base": [cfg.model.name, cfg.model.revision], "dtype": dtype,
+           "versions": {p: packages.get(p) for p in ("vlmfit", "torch", "transformers", "peft")}}
+    if (out / "config.json").is_file() and run.read_json(SERVED_KEY) == key:
         return out
     if out.exists():
         shutil.rmtree(out)
-    export_run(run.path, out, merge=True, dtype="fp32" if _cpu_only() else "bf16", command="vlmfit serve")
+    export_run(run.path, out, merge=True, dtype=dtype, command="vlmfit serve")
+    run.write_json(SERVED_KEY, key)
     return out
 
 

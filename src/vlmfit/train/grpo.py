@@ -31,8 +31,8 @@ from vlmfit.train.rewards import ANSWER, Reward, completion_text, rewards_for
 from vlmfit.train.run import begin, final_loss, param_counts, report_targets, save_trained, shared_run_name
 from vlmfit.train.start import load_start, start_run
 from vlmfit.train.tracking import track_locally
-from vlmfit.train.trainer import (launch_arguments, quiet_printing, run_training, trainer_arguments, trainer_callbacks,
-                                  vlmfit_trainer, with_row_ids)
+from vlmfit.train.trainer import (launch_arguments, quiet_printing, run_training, towers_trained, trainer_arguments,
+                                  trainer_callbacks, vlmfit_trainer, with_row_ids)
 
 
 def train_grpo(cfg: RunConfig, console: Console | None = None, resume: RunDir | None = None, overwrite: bool = False) -> Path:
@@ -111,11 +111,10 @@ def warm_start(cfg: RunConfig, console: Console, overwrite: bool = False) -> Run
     """grpo.warm_start_epochs: first an SFT run on the same training split (its answers as labels, the same tuning),
     in its own run directory (<name>-warm-start, evaluated after, so its figure is the SFT-alone baseline); the GRPO
     run then starts from it (grpo.init_from, recorded in this run's config.yaml, so a resume does not train it again)."""
-    from vlmfit.rundir import RunDir as _RunDir
     from vlmfit.train.sft import train_sft
 
     g = cfg.grpo
-    name = cfg.output.name or _RunDir.default_name(cfg)
+    name = cfg.output.name or RunDir.default_name(cfg)
     if (Path(cfg.output.dir) / name).exists() and not overwrite:  # the GRPO run's directory: refused before the SFT
         raise UserError(f"run directory {Path(cfg.output.dir) / name} already exists", where="output.name",
                         hint="choose another output.name, pass --overwrite, or continue it with `vlmfit train --resume`")
@@ -268,7 +267,7 @@ def make_trainer(loaded: Loaded, prompts, rewards: list[Reward], weights: list[f
         report_targets(resolved, console, run)
     shared, vision = None, "each forward encodes every copy of an image (grpo.share_vision: false)"
     if g.share_vision:
-        shared = SharedVision(trainer.model, reuse=_towers_frozen(trainer.model, loaded.family))
+        shared = SharedVision(trainer.model, reuse=not towers_trained(trainer.model, loaded.family))
         trainer.shared_vision = shared
         vision = ("each image encoded once per rollout batch, its features reused by every completion and the loss "
                   "(tower frozen)" if shared.reuse else
@@ -301,13 +300,6 @@ def sampling_kwargs(generation: str, suppressed: list[int], vocab: int) -> dict:
         banned = set(suppressed)
         return {"allowed_token_ids": [i for i in range(vocab) if i not in banned]}
     return {"suppress_tokens": suppressed}
-
-
-def _towers_frozen(model, family) -> bool:
-    from vlmfit.models.targets import part_of
-
-    return not any(p.requires_grad and part_of(n.removeprefix("base_model.model."), family) in ("vision", "projector")
-                   for n, p in model.named_parameters())
 
 
 SAMPLES_KEPT = 16  # completions of the last rollout batch the report shows (two prompts' groups at G = 8)
